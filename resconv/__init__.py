@@ -1,0 +1,25 @@
+"""resconv: fused Conv2d + BatchNorm + residual + ReLU kernels (Triton and CUDA C++) for PyTorch.
+
+    out = act(BN(conv2d(x, W) + b) + residual)
+
+Public API: :mod:`resconv.functional` (ops, backend choice), :mod:`resconv.nn` (drop-in
+modules), :mod:`resconv.models` (ResNet-18), :func:`convert` / :func:`revert` (rewrite an
+existing model's conv/bn/relu patterns into fused modules and back), :mod:`resconv.reference`
+(the plain-PyTorch specification).
+"""
+from . import functional, nn, reference
+from .convert import convert, revert
+from .functional import BackendUnavailableError, available_backends
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "nn",
+    "reference",
+    "convert",
+    "revert",
+    "available_backends",
+    "BackendUnavailableError",
+    "__version__",
+]

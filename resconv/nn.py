@@ -1,0 +1,280 @@
+"""Drop-in modules: hold Parameters and buffers, call :mod:`resconv.functional`.
+
+* :class:`Conv2d` — a ``torch.nn.Conv2d`` (same constructor, parameters, ``state_dict``
+  keys, behaviour) whose forward runs resconv's kernels.
+* :class:`ConvBn2d`, :class:`ConvBnReLU2d`, :class:`ConvBnAddReLU2d` — a conv with its
+  BatchNorm2d (``self.bn``) fused, named and laid out like
+  ``torch.ao.nn.intrinsic.qat.ConvBn2d``: the module *is* the conv (keys ``weight``,
+  ``bias``) and holds the BatchNorm as ``bn`` (keys ``bn.weight``, ``bn.running_mean``, …).
+  In training mode BatchNorm uses batch statistics and updates the running ones exactly as
+  ``torch.nn.BatchNorm2d``; in eval mode it is folded into the conv epilogue (the fold is
+  cached and recomputed when a parameter or buffer changes).
+* :class:`AddReLU` — ``relu(x + residual)`` for skip connections not fused into a conv.
+
+Which backend runs is chosen per call by resconv.functional (``backend`` attribute of a
+module, else ``RESCONV_BACKEND``, else auto).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functional as RF
+
+Tensor = torch.Tensor
+
+
+def _cache_key(*tensors: Optional[Tensor]) -> tuple:
+    """Identity of tensors' contents: storage, in-place version, dtype, device."""
+    return tuple(
+        None if t is None else (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors
+    )
+
+
+def _cacheable(*tensors: Optional[Tensor]) -> bool:
+    """Cache only what no autograd graph or compiler needs to see being computed."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return not any(t is not None and t.is_inference() for t in tensors)
+
+
+class Conv2d(nn.Conv2d):
+    """``torch.nn.Conv2d`` computed by resconv (same constructor and ``state_dict``).
+
+    Shapes: input Tensor[N, C, H, W] or Tensor[C, H, W] -> Tensor[N, K, P, Q] (or
+    Tensor[K, P, Q]), in the input's dtype and memory format. See
+    :func:`resconv.functional.conv2d` for dtypes, backends and the errors raised.
+
+    Attributes:
+        backend (str or None): force a backend for this module ('triton', 'cuda', 'torch').
+        allow_tf32 (bool or None): None follows ``torch.backends.cudnn.allow_tf32``.
+    """
+
+    backend: Optional[str] = None
+    allow_tf32: Optional[bool] = None
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return RF.conv2d(
+            input, self._packed_weight(weight), bias, self.stride, self.padding, self.dilation, self.groups,
+            padding_mode=self.padding_mode, allow_tf32=self.allow_tf32, backend=self.backend,
+        )
+
+    def _packed_weight(self, weight: Tensor) -> Tensor:
+        """The filters in the kernels' layout (K R S C, channels_last), repacked once and
+        cached until the parameter changes."""
+        if weight.is_contiguous(memory_format=torch.channels_last) or not _cacheable(weight):
+            return weight
+        key = _cache_key(weight)
+        cache = self.__dict__.get("_packed_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, weight.detach().contiguous(memory_format=torch.channels_last))
+            self.__dict__["_packed_cache"] = cache
+        return cache[1]
+
+
+class _ConvBnNd(Conv2d):
+    _relu = False
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )
+        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, register_bn: bool = True):
+        """A fused module over existing ``conv`` and ``bn``, sharing (not copying) their
+        Parameters and buffers: training the fused module trains them.
+
+        Args:
+            conv (torch.nn.Conv2d): any Conv2d (resconv's or torch's).
+            bn (torch.nn.BatchNorm2d): with ``bn.num_features == conv.out_channels``
+                (nn.SyncBatchNorm: its process group is used in training).
+            register_bn (bool): True registers ``bn`` as the child ``bn`` (keys ``bn.*``).
+                False keeps a reference only, for a parent that already registers ``bn``
+                elsewhere (its ``state_dict`` keys then stay where they were).
+        Raises:
+            TypeError / ValueError: not a Conv2d / BatchNorm2d, or channel counts differ.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv: expected a torch.nn.Conv2d, got {type(conv).__name__}")
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise TypeError(f"bn: expected a torch.nn.BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"bn: num_features={bn.num_features} does not match conv.out_channels={conv.out_channels}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(self, name, getattr(conv, name))
+        self.weight = conv.weight
+        self.register_parameter("bias", conv.bias)
+        self.backend = getattr(conv, "backend", None)
+        self.allow_tf32 = getattr(conv, "allow_tf32", None)
+        if register_bn:
+            self.bn = bn
+        else:
+            object.__setattr__(self, "bn", bn)  # a reference, not a child
+        self.process_group = getattr(bn, "process_group", None) if isinstance(bn, nn.SyncBatchNorm) else None
+        self.train(bn.training)
+        return self
+
+    def to_modules(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+        """(torch.nn.Conv2d, the BatchNorm2d) sharing this module's Parameters and buffers."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+            self.groups, self.bias is not None, self.padding_mode, device="meta",
+        )
+        conv.weight = self.weight
+        conv.register_parameter("bias", self.bias)
+        conv.train(self.training)
+        return conv, self.bn
+
+    def _forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+        bn = self.bn
+        # torch.nn.BatchNorm2d.forward's bookkeeping, verbatim in meaning.
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        if use_batch_stats:
+            track = not bn.training or bn.track_running_stats
+            return RF.conv_bn2d(
+                input, self.weight, self.bias,
+                bn.running_mean if track else None, bn.running_var if track else None,
+                bn.weight, bn.bias, True, factor, bn.eps,
+                self.stride, self.padding, self.dilation, self.groups,
+                padding_mode=self.padding_mode, residual=residual, relu=self._relu,
+                process_group=self._sync_group() if bn.training else None,
+                allow_tf32=self.allow_tf32, backend=self.backend,
+            )
+        scale, shift = self._folded()
+        return RF.conv2d(
+            input, self._packed_weight(self.weight), None, self.stride, self.padding, self.dilation, self.groups,
+            padding_mode=self.padding_mode, scale=scale, shift=shift, residual=residual, relu=self._relu,
+            allow_tf32=self.allow_tf32, backend=self.backend,
+        )
+
+    def _sync_group(self):
+        if self.process_group is not None:
+            return self.process_group
+        if isinstance(self.bn, nn.SyncBatchNorm):
+            import torch.distributed as dist
+
+            return self.bn.process_group or dist.group.WORLD
+        return None
+
+    def _folded(self) -> tuple[Tensor, Tensor]:
+        """Eval BatchNorm (and conv bias) as fp32 (scale, shift), cached until any input changes."""
+        bn = self.bn
+        srcs = (self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if not _cacheable(*srcs):
+            return RF.bn_fold(*srcs, bn.eps)
+        key = _cache_key(*srcs) + (bn.eps,)
+        cache = self.__dict__.get("_fold_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, RF.bn_fold(*srcs, bn.eps))
+            self.__dict__["_fold_cache"] = cache
+        return cache[1]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if "bn" in self._modules else ", bn=<shared>")
+
+
+class ConvBn2d(_ConvBnNd):
+    """Conv2d followed by BatchNorm2d, fused. ``forward(input) -> Tensor``.
+
+    Constructor: torch.nn.Conv2d's arguments (``bias`` defaults to False, as in
+    torch.ao.nn.intrinsic.qat.ConvBn2d), then BatchNorm2d's ``eps``, ``momentum``,
+    ``affine``, ``track_running_stats``, and ``process_group`` (synchronised statistics, as
+    nn.SyncBatchNorm). Input Tensor[N, C, H, W] (or [C, H, W]) -> Tensor[N, K, P, Q].
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._forward(input, None)
+
+
+class ConvBnReLU2d(_ConvBnNd):
+    """Conv2d, BatchNorm2d and ReLU, fused. ``forward(input) -> Tensor``; see :class:`ConvBn2d`."""
+
+    _relu = True
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._forward(input, None)
+
+
+class ConvBnAddReLU2d(_ConvBnNd):
+    """``relu(BN(conv(input)) + residual)`` fused: a ResNet block's second conv.
+
+    ``forward(input, residual)`` with residual Tensor[N, K, P, Q] (the output's shape, dtype
+    and device); see :class:`ConvBn2d`.
+    """
+
+    _relu = True
+
+    def forward(self, input: Tensor, residual: Tensor) -> Tensor:
+        if residual is None:
+            raise ValueError("residual: ConvBnAddReLU2d needs a residual tensor (use ConvBnReLU2d without one)")
+        return self._forward(input, residual)
+
+
+class AddReLU(nn.Module):
+    """``relu(input + residual)`` (a skip connection not fused into a conv).
+
+    ``forward(input, residual)``: same shape, dtype, device; output in input's memory format.
+    """
+
+    backend: Optional[str] = None
+
+    def forward(self, input: Tensor, residual: Tensor) -> Tensor:
+        return RF.add_relu(input, residual, relu=True, backend=self.backend)
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d whose computation was fused into the preceding conv.
+
+    Left by :func:`resconv.convert` where the BatchNorm sat in a container that calls it
+    (a ``Sequential``), so that the model's ``state_dict`` keys stay the same. It shares the
+    original module's Parameters and buffers (the fused conv reads them from here), and its
+    forward returns the input unchanged.
+    """
+
+    @classmethod
+    def sharing(cls, bn: nn.BatchNorm2d) -> "FoldedBatchNorm2d":
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
+        new.register_parameter("weight", bn.weight)
+        new.register_parameter("bias", bn.bias)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            new._buffers[name] = getattr(bn, name)
+        new.train(bn.training)
+        object.__setattr__(new, "original", bn)  # the module revert() puts back
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input

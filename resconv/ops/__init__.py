@@ -1,0 +1,145 @@
+"""Backends: what each can serve, and the calls that reach its ops.
+
+A backend answers ``unavailable_reason(device, dtype)`` (None when it can serve the call)
+and implements ``conv2d``, ``conv_bn_train`` and ``add_relu`` on normalised arguments.
+``resconv.functional`` is the only place that chooses one.
+
+* ``torch``: ``resconv.reference`` (plain PyTorch, any device, float64 included).
+* ``triton``: the Triton kernels behind torch.library ops (``resconv.ops.triton``).
+* ``cuda``: the CUDA C++ extension ``resconv._C`` (``resconv.ops.cuda``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .._conv_args import ConvGeometry, memory_format_of
+
+HALF_AND_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@contextlib.contextmanager
+def _cudnn_tf32(device: torch.device, allow_tf32: bool):
+    """The torch backend's conv follows cudnn.allow_tf32; force the caller's choice on CUDA."""
+    if device.type != "cuda" or torch.backends.cudnn.allow_tf32 == allow_tf32:
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+class TorchBackend:
+    name = "torch"
+    cause: Optional[BaseException] = None
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        return None
+
+    def conv2d(self, x, weight, scale, shift, residual, g: ConvGeometry, relu: bool, allow_tf32: bool):
+        with _cudnn_tf32(x.device, allow_tf32):
+            return reference.conv2d(x, weight, scale, shift, residual, g.stride, g.padding, g.dilation, g.groups, relu)
+
+    def conv_bn_train(self, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
+                      residual, g: ConvGeometry, relu, allow_tf32, process_group):
+        with _cudnn_tf32(x.device, allow_tf32):
+            return reference.conv_bn2d_train(
+                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps, residual,
+                g.stride, g.padding, g.dilation, g.groups, relu, process_group,
+            )
+
+    def add_relu(self, x, residual, relu: bool):
+        return reference.add_relu(x, residual, relu)
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self):
+        self.cause: Optional[BaseException] = None
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # ImportError, or a broken install
+            self.cause = e
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        if self.cause is not None:
+            return f"triton cannot be imported ({self.cause})"
+        if dtype not in HALF_AND_FLOAT:
+            return f"dtype {dtype} is not supported (float16, bfloat16, float32)"
+        interpret = _interpret_mode()
+        if device.type == "cuda":
+            if interpret:
+                return "TRITON_INTERPRET=1 is set: the Triton kernels run on CPU tensors in this process"
+            major, _ = torch.cuda.get_device_capability(device)
+            if major < 8:
+                return f"needs a GPU of compute capability 8.0 or newer, got {major}.x"
+            return None
+        if device.type == "cpu":
+            if not interpret:
+                return "needs a CUDA tensor (or TRITON_INTERPRET=1 set before the first call, for the CPU interpreter)"
+            return None
+        return f"device type {device.type!r} is not supported"
+
+    def conv2d(self, x, weight, scale, shift, residual, g: ConvGeometry, relu: bool, allow_tf32: bool):
+        from . import triton as ops
+
+        return ops.conv2d_fprop(
+            x, weight, scale, shift, residual, g.stride, g.padding, g.dilation, g.groups, relu, allow_tf32
+        )
+
+    def conv_bn_train(self, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
+                      residual, g: ConvGeometry, relu, allow_tf32, process_group):
+        from . import triton as ops
+
+        if process_group is not None:
+            from .. import triton_kernels
+            from .sync_bn import SyncConvBnTrain
+
+            return SyncConvBnTrain.apply(
+                x, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var, g, eps, momentum,
+                relu, allow_tf32, process_group, triton_kernels, memory_format_of(x),
+            )
+        out, _, mean, _, var_unbiased = ops.conv2d_bn_train(
+            x, weight, bias, bn_weight, bn_bias, residual, g.stride, g.padding, g.dilation, g.groups, eps,
+            relu, allow_tf32,
+        )
+        if running_mean is not None and running_var is not None:
+            ops.bn_update_running_stats_(running_mean, running_var, mean, var_unbiased, momentum)
+        elif running_mean is not None or running_var is not None:
+            from .. import triton_kernels
+
+            triton_kernels.update_running_stats_(running_mean, running_var, mean, var_unbiased, momentum)
+        return out
+
+    def add_relu(self, x, residual, relu: bool):
+        from . import triton as ops
+
+        return ops.add_relu(x, residual, relu)
+
+
+def _interpret_mode() -> bool:
+    """The interpreter mode the kernels have (or will have, once imported)."""
+    import sys
+
+    mod = sys.modules.get("resconv.triton_kernels._common")
+    if mod is not None:
+        return mod.INTERPRET
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cuda_backend():
+    from .cuda import CudaBackend
+
+    return CudaBackend()
+
+
+BACKENDS = {"torch": TorchBackend(), "triton": TritonBackend(), "cuda": _cuda_backend()}
+AUTO_ORDER = ("cuda", "triton", "torch")

@@ -1,0 +1,234 @@
+"""Plain-PyTorch definition of every resconv op: the specification and the "torch" backend.
+
+Every backend is tested against these functions, and these functions are tested against
+torch.nn (Conv2d, BatchNorm2d, ReLU). They run on any device and in float64.
+
+Arguments are the normalised ones the ops take (see ``resconv.functional`` for the public
+API, which validates and normalises): ``x`` is 4-D, ``padding`` is
+``(top, bottom, left, right)`` zero padding, ``stride``/``dilation`` are pairs.
+
+Precision rule (the one the kernels follow): the convolution accumulates in float32
+(float64 for float64 input); the whole epilogue (scale/shift, BatchNorm, residual, ReLU)
+is computed in that precision and the result is rounded once to the input dtype. fp16/bf16
+operands are exactly representable in float32, so upcasting them changes nothing but the
+accumulator. On CUDA, float32 follows ``torch.backends.cudnn.allow_tf32`` like nn.Conv2d.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._conv_args import memory_format_of
+
+Tensor = torch.Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / epilogue dtype for an input dtype: float64 stays, the rest use float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def conv_acc(
+    x: Tensor,
+    weight: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """conv2d(x, weight) without bias, in the accumulation dtype.
+
+    Args:
+        x (Tensor[N, C, H, W]), weight (Tensor[K, C/groups, R, S]); padding (top, bottom, left, right).
+    Returns:
+        Tensor[N, K, P, Q] in float32 (float64 for float64 input), x's memory format.
+    """
+    dt = acc_dtype(x.dtype)
+    xc, wc = x.to(dt), weight.to(dt)
+    t, b, l, r = padding
+    if t == b and l == r:
+        return F.conv2d(xc, wc, None, tuple(stride), (t, l), tuple(dilation), groups)
+    return F.conv2d(F.pad(xc, (l, r, t, b)), wc, None, tuple(stride), 0, tuple(dilation), groups)
+
+
+def _epilogue(y: Tensor, residual: Optional[Tensor], relu: bool, like: Tensor) -> Tensor:
+    """Residual, ReLU, one rounding to ``like``'s dtype, and ``like``'s memory format."""
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    if relu:
+        y = torch.relu(y)
+    return y.to(like.dtype).contiguous(memory_format=memory_format_of(like))
+
+
+def _channel(v: Tensor, dtype: torch.dtype) -> Tensor:
+    return v.to(dtype).view(1, -1, 1, 1)
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0, 0, 0),
+    dilation: Sequence[int] = (1, 1),
+    groups: int = 1,
+    relu: bool = False,
+) -> Tensor:
+    """Fused convolution: ``out = act(scale * conv2d(x, W) + shift + residual)``.
+
+    Conv bias and eval-mode BatchNorm are folded into the per-channel ``scale`` / ``shift``
+    by the caller (:func:`bn_fold`); ``act`` is ReLU when ``relu`` else identity.
+
+    Args:
+        x (Tensor[N, C, H, W]): input, fp16/bf16/fp32/fp64, any memory format.
+        weight (Tensor[K, C/groups, R, S]): filters, x's dtype.
+        scale, shift (Tensor[K] or None): per-output-channel epilogue, any float dtype.
+        residual (Tensor[N, K, P, Q] or None): added before the activation.
+    Returns:
+        Tensor[N, K, P, Q] in x's dtype.
+    """
+    y = conv_acc(x, weight, stride, padding, dilation, groups)
+    if scale is not None:
+        y = y * _channel(scale, y.dtype)
+    if shift is not None:
+        y = y + _channel(shift, y.dtype)
+    return _epilogue(y, residual, relu, x)
+
+
+def add_relu(x: Tensor, residual: Tensor, relu: bool = True) -> Tensor:
+    """``out = act(x + residual)`` computed in float32 (float64 for float64), rounded once."""
+    dt = acc_dtype(x.dtype)
+    return _epilogue(x.to(dt), residual, relu, x)
+
+
+def bn_fold(
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm folded into a per-channel epilogue.
+
+    ``BN(conv + b) = scale * conv + shift`` with ``scale = gamma / sqrt(var + eps)`` and
+    ``shift = beta + (b - mean) * scale`` (torch.nn.BatchNorm2d's formula rearranged).
+    Differentiable; computed in float32 (float64 when the statistics are float64).
+
+    Returns:
+        (scale, shift), each Tensor[K].
+    """
+    dt = torch.float64 if running_var.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(running_var.to(dt) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(dt)
+    centred = -running_mean.to(dt) if bias is None else bias.to(dt) - running_mean.to(dt)
+    shift = centred * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(dt)
+    return scale, shift
+
+
+def combine_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Combine partial moments (count, mean, M2) along dim 0 with Chan et al.'s formula.
+
+    Chan, Golub & LeVeque, "Updating formulae and a pairwise algorithm for computing sample
+    variances" (1979): ``n = na + nb``, ``d = mean_b - mean_a``,
+    ``mean = mean_a + d * nb / n``, ``M2 = M2a + M2b + d^2 * na * nb / n``.
+
+    Args:
+        count (Tensor[T]), mean (Tensor[T, K]), m2 (Tensor[T, K]).
+    Returns:
+        (count: Tensor[], mean: Tensor[K], m2: Tensor[K]).
+    """
+    n = count.sum()
+    mu = (count[:, None] * mean).sum(0) / n
+    m2_total = m2.sum(0) + (count[:, None] * (mean - mu) ** 2).sum(0)
+    return n, mu, m2_total
+
+
+def batch_moments(y: Tensor, process_group=None) -> tuple[Tensor, Tensor, int]:
+    """Per-channel batch mean and biased variance of y (Tensor[N, K, P, Q]), optionally over
+    all ranks of ``process_group`` (differentiable all-gather of (count, mean, M2))."""
+    n_local = y.numel() // y.shape[1]
+    var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    if process_group is None:
+        return mean, var, n_local
+    import torch.distributed.nn.functional as dist_nn
+
+    m2 = var * n_local
+    count = torch.tensor([float(n_local)], dtype=y.dtype, device=y.device)
+    counts = torch.cat(dist_nn.all_gather(count, group=process_group))
+    means = torch.stack(dist_nn.all_gather(mean, group=process_group))
+    m2s = torch.stack(dist_nn.all_gather(m2, group=process_group))
+    n, mu, m2_total = combine_moments(counts, means, m2s)
+    return mu, m2_total / n, int(n.item())
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """torch.nn.BatchNorm2d's running-statistics update, in place:
+    ``running = (1 - momentum) * running + momentum * batch``, the variance unbiased
+    (``var * n / (n - 1)``)."""
+    if running_mean is not None:
+        new = running_mean.to(mean.dtype) * (1.0 - momentum) + mean * momentum
+        running_mean.copy_(new)
+    if running_var is not None:
+        unbiased = var * (count / max(count - 1, 1))
+        new = running_var.to(var.dtype) * (1.0 - momentum) + unbiased * momentum
+        running_var.copy_(new)
+
+
+def conv_bn2d_train(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float,
+    eps: float,
+    residual: Optional[Tensor] = None,
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0, 0, 0),
+    dilation: Sequence[int] = (1, 1),
+    groups: int = 1,
+    relu: bool = False,
+    process_group=None,
+) -> Tensor:
+    """Training-mode ``act(BN_batch(conv2d(x, W) + b) + residual)``.
+
+    BatchNorm uses the batch statistics (biased variance for normalising) and updates
+    ``running_mean``/``running_var`` in place (unbiased variance) exactly as
+    torch.nn.BatchNorm2d does, when they are given.
+
+    Args:
+        x (Tensor[N, C, H, W]), weight (Tensor[K, C/groups, R, S]), bias/bn_weight/bn_bias/
+        running_mean/running_var (Tensor[K] or None), residual (Tensor[N, K, P, Q] or None).
+    Returns:
+        Tensor[N, K, P, Q] in x's dtype.
+    """
+    y = conv_acc(x, weight, stride, padding, dilation, groups)
+    if bias is not None:
+        y = y + _channel(bias, y.dtype)
+    mean, var, count = batch_moments(y, process_group)
+    update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
+    invstd = torch.rsqrt(var + eps)
+    z = (y - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+    if bn_weight is not None:
+        z = z * _channel(bn_weight, z.dtype)
+    if bn_bias is not None:
+        z = z + _channel(bn_bias, z.dtype)
+    return _epilogue(z, residual, relu, x)

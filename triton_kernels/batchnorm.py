@@ -1,0 +1,269 @@
+"""BatchNorm statistics kernels: forward finalize, running-statistics update, backward
+reductions. All reductions run in a fixed order (no atomics), so results are bitwise
+reproducible run to run.
+
+Forward: the conv kernel leaves per-tile moments (count, mean, M2) of each channel;
+``bn_finalize`` merges them with Chan et al.'s pairwise formula (Chan, Golub & LeVeque 1979)
+— never E[y^2] - E[y]^2 — into mean, 1/sqrt(var + eps), the unbiased variance, and the
+apply coefficients ``a = gamma * invstd``, ``b = beta - mean * a``.
+
+Backward: ``bn_backward_reduce`` gives per-channel ``sum(g)`` and ``sum(g * (y - mean))``
+(g = grad_out masked by ReLU) and the coefficients of ``dy = a*g + b*(y - mean) + c``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_device, nkl_strides
+
+_BLOCK_C = 32 if INTERPRET else 64
+_BLOCK_T = 32 if INTERPRET else 64
+_BLOCK_R = 64 if INTERPRET else 128
+
+
+@triton.jit
+def _chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    n = n_a + n_b
+    w_b = tl.where(n > 0, n_b / tl.where(n > 0, n, 1.0), 0.0)
+    d = mean_b - mean_a
+    return mean_a + d * w_b, m2_a + m2_b + d * d * n_a * w_b, n
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    cnt_ptr,  # [T] fp32 rows per partial
+    pmean_ptr,  # [T, K] fp32 partial means
+    pm2_ptr,  # [T, K] fp32 partial M2
+    w_ptr,  # [K] gamma (HAS_WEIGHT)
+    b_ptr,  # [K] beta (HAS_BIAS)
+    mean_ptr, invstd_ptr, var_ptr, a_ptr, sh_ptr,  # [K] fp32 outputs
+    T, K, eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = offs_c < K
+    run_mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    run_m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    run_n = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        tm = offs_t < T
+        n = tl.load(cnt_ptr + offs_t, mask=tm, other=0.0)
+        n2 = n[:, None] + tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        off = offs_t.to(tl.int64)[:, None] * K + offs_c[None, :]
+        m2d = tm[:, None] & cm[None, :]
+        mu = tl.load(pmean_ptr + off, mask=m2d, other=0.0)
+        m2 = tl.load(pm2_ptr + off, mask=m2d, other=0.0)
+        c_mean, c_m2, c_n = tl.reduce((mu, m2, n2), 0, _chan_combine)
+        run_mean, run_m2, run_n = _chan_combine(run_mean, run_m2, run_n, c_mean, c_m2, c_n)
+    var = run_m2 / run_n
+    invstd = 1.0 / tl.sqrt(var + eps)
+    var_unbiased = run_m2 / tl.maximum(run_n - 1.0, 1.0)
+    a = invstd
+    if HAS_WEIGHT:
+        a = a * tl.load(w_ptr + offs_c, mask=cm, other=1.0).to(tl.float32)
+    sh = -run_mean * a
+    if HAS_BIAS:
+        sh += tl.load(b_ptr + offs_c, mask=cm, other=0.0).to(tl.float32)
+    tl.store(mean_ptr + offs_c, run_mean, mask=cm)
+    tl.store(invstd_ptr + offs_c, invstd, mask=cm)
+    tl.store(var_ptr + offs_c, var_unbiased, mask=cm)
+    tl.store(a_ptr + offs_c, a, mask=cm)
+    tl.store(sh_ptr + offs_c, sh, mask=cm)
+
+
+def bn_finalize(
+    count: torch.Tensor,
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+) -> tuple[torch.Tensor, ...]:
+    """Merge partial moments into batch statistics and apply coefficients.
+
+    Args:
+        count (Tensor[T] fp32), mean (Tensor[T, K] fp32), m2 (Tensor[T, K] fp32): partials
+            (conv-kernel tiles, or one row per rank for synchronized BatchNorm).
+        weight, bias (Tensor[K] or None): gamma and beta.
+        eps: added to the biased variance.
+    Returns:
+        (mean, invstd, var_unbiased, a, b), each Tensor[K] fp32, with
+        ``a = gamma * invstd`` and ``b = beta - mean * a``.
+    """
+    check_device(mean, "mean")
+    T, K = mean.shape
+    outs = [torch.empty((K,), dtype=torch.float32, device=mean.device) for _ in range(5)]
+    dummy = outs[0]
+    _bn_finalize_kernel[(triton.cdiv(K, _BLOCK_C),)](
+        count, mean, m2,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        *outs, T, K, float(eps),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C,
+    )
+    return tuple(outs)
+
+
+@triton.jit
+def _running_stats_kernel(
+    rmean_ptr,  # [K] running_mean, updated in place (HAS_MEAN)
+    rvar_ptr,  # [K] running_var, updated in place (HAS_VAR)
+    mean_ptr,  # [K] fp32 batch mean
+    var_ptr,  # [K] fp32 batch variance, unbiased
+    K, momentum,
+    HAS_MEAN: tl.constexpr,
+    HAS_VAR: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = offs < K
+    if HAS_MEAN:
+        old = tl.load(rmean_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        new = old * (1.0 - momentum) + tl.load(mean_ptr + offs, mask=m, other=0.0) * momentum
+        tl.store(rmean_ptr + offs, new.to(rmean_ptr.dtype.element_ty), mask=m)
+    if HAS_VAR:
+        old = tl.load(rvar_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        new = old * (1.0 - momentum) + tl.load(var_ptr + offs, mask=m, other=0.0) * momentum
+        tl.store(rvar_ptr + offs, new.to(rvar_ptr.dtype.element_ty), mask=m)
+
+
+def update_running_stats_(
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    var_unbiased: torch.Tensor,
+    momentum: float,
+) -> None:
+    """torch.nn.BatchNorm2d's update, in place: ``running = (1 - momentum) * running + momentum * batch``.
+
+    Args:
+        running_mean, running_var (Tensor[K] or None, contiguous, any float dtype): mutated.
+        mean, var_unbiased (Tensor[K] fp32): batch statistics.
+    """
+    if running_mean is None and running_var is None:
+        return
+    K = mean.shape[0]
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor to update in place")
+    _running_stats_kernel[(triton.cdiv(K, _BLOCK_C),)](
+        running_mean if running_mean is not None else mean,
+        running_var if running_var is not None else mean,
+        mean, var_unbiased, K, float(momentum),
+        HAS_MEAN=running_mean is not None, HAS_VAR=running_var is not None, BLOCK_C=_BLOCK_C,
+    )
+
+
+@triton.jit
+def _bn_backward_partials_kernel(
+    gout_ptr,  # [N, K, L] incoming gradient, strides sg*
+    out_ptr,  # [N, K, L] forward output for the ReLU mask (RELU), strides so*
+    y_ptr,  # [N, K, L] pre-BN values (HAS_Y), strides sy*
+    mean_ptr,  # [K] fp32 (HAS_Y)
+    psum_ptr,  # [T, K] fp32 partial sum(g)
+    psumy_ptr,  # [T, K] fp32 partial sum(g * (y - mean)) (HAS_Y)
+    NL, K, L,
+    sgn, sgk, sgl, son, sok, sol, syn, syk, syl,
+    RELU: tl.constexpr,
+    HAS_Y: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rm = offs_r < NL
+    cm = offs_c < K
+    mask = rm[:, None] & cm[None, :]
+    n = (offs_r // L).to(tl.int64)
+    l = (offs_r % L).to(tl.int64)
+    c64 = offs_c.to(tl.int64)
+    g = tl.load(gout_ptr + (n * sgn + l * sgl)[:, None] + (c64 * sgk)[None, :], mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        o = tl.load(out_ptr + (n * son + l * sol)[:, None] + (c64 * sok)[None, :], mask=mask, other=0.0)
+        g = tl.where(o > 0, g, 0.0)
+    tl.store(psum_ptr + pid_r.to(tl.int64) * K + offs_c, tl.sum(g, axis=0), mask=cm)
+    if HAS_Y:
+        y = tl.load(y_ptr + (n * syn + l * syl)[:, None] + (c64 * syk)[None, :], mask=mask, other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + offs_c, mask=cm, other=0.0)
+        gy = tl.where(mask, g * (y - mu[None, :]), 0.0)
+        tl.store(psumy_ptr + pid_r.to(tl.int64) * K + offs_c, tl.sum(gy, axis=0), mask=cm)
+
+
+@triton.jit
+def _bn_backward_finalize_kernel(
+    psum_ptr,  # [T, K] fp32
+    psumy_ptr,  # [T, K] fp32 (HAS_Y)
+    sum_ptr, sumy_ptr,  # [K] fp32 outputs: sum(g), sum(g * (y - mean))
+    T, K,
+    HAS_Y: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = offs_c < K
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    accy = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        off = offs_t.to(tl.int64)[:, None] * K + offs_c[None, :]
+        m = (offs_t < T)[:, None] & cm[None, :]
+        acc += tl.sum(tl.load(psum_ptr + off, mask=m, other=0.0), axis=0)
+        if HAS_Y:
+            accy += tl.sum(tl.load(psumy_ptr + off, mask=m, other=0.0), axis=0)
+    tl.store(sum_ptr + offs_c, acc, mask=cm)
+    if HAS_Y:
+        tl.store(sumy_ptr + offs_c, accy, mask=cm)
+
+
+def bn_backward_reduce(
+    grad_out: torch.Tensor,
+    out: Optional[torch.Tensor],
+    y: Optional[torch.Tensor],
+    mean: Optional[torch.Tensor],
+    *,
+    relu: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-channel ``sum(g)`` and ``sum(g * (y - mean))`` with ``g = grad_out * (out > 0)``.
+
+    Args:
+        grad_out, out, y (Tensor[N, K, P, Q]): NCHW- or NHWC-dense (any mix); ``out`` only
+            with ``relu``; ``y``/``mean`` (Tensor[K] fp32) optional (then only sum(g)).
+    Returns:
+        (sum_g: Tensor[K] fp32, sum_gy: Tensor[K] fp32 or None), reduced in a fixed order.
+    """
+    check_device(grad_out, "grad_output")
+    N, K, P, Q = grad_out.shape
+    NL, L = N * P * Q, P * Q
+    T = triton.cdiv(NL, _BLOCK_R)
+    dev = grad_out.device
+    has_y = y is not None
+    psum = torch.empty((max(T, 1), K), dtype=torch.float32, device=dev)
+    psumy = torch.empty((max(T, 1), K), dtype=torch.float32, device=dev) if has_y else psum
+    sum_g = torch.empty((K,), dtype=torch.float32, device=dev)
+    sum_gy = torch.empty((K,), dtype=torch.float32, device=dev) if has_y else None
+    if NL == 0:
+        sum_g.zero_()
+        if sum_gy is not None:
+            sum_gy.zero_()
+        return sum_g, sum_gy
+    o = out if (relu and out is not None) else grad_out
+    yy = y if has_y else grad_out
+    _bn_backward_partials_kernel[(T, triton.cdiv(K, _BLOCK_C))](
+        grad_out, o, yy, mean if has_y else psum, psum, psumy,
+        NL, K, L, *nkl_strides(grad_out), *nkl_strides(o), *nkl_strides(yy),
+        RELU=relu, HAS_Y=has_y, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
+    )
+    _bn_backward_finalize_kernel[(triton.cdiv(K, _BLOCK_C),)](
+        psum, psumy, sum_g, sum_gy if has_y else sum_g, T, K,
+        HAS_Y=has_y, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C,
+    )
+    return sum_g, sum_gy

@@ -1,0 +1,310 @@
+"""Implicit-GEMM conv2d forward (fprop) with a fused epilogue.
+
+GEMM view (per group g): M = N*P*Q rows (output pixels), N_gemm = K/groups columns (output
+channels), K_gemm = (C/groups)*R*S reduction. The A tile is gathered from the input on the
+fly (no im2col buffer); the B tile is read from the filters. The fp32 accumulator then goes
+through the epilogue, in this order and in fp32:
+
+    y   = acc * scale[k] + shift[k]            (conv bias / eval BatchNorm folded in)
+    (stats: per-tile count, mean, M2 of y per output channel; training BatchNorm)
+    out = relu(y + residual)                   (each part optional)
+
+and is rounded once on store. Inputs are read through their strides; the launcher makes the
+input and filters channels-last-dense (C fastest) so A and B loads are contiguous along the
+reduction, and writes the output in the memory format it is given.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_device, dense_like
+
+# Smallest BLOCK_M of any configuration below: sizes the per-tile statistics buffers before
+# the autotuner has picked a configuration (the launcher then keeps the rows it wrote).
+MIN_BLOCK_M = 64
+
+# Under the interpreter one small fixed configuration (still valid on a GPU: every tl.dot
+# dimension >= 16, powers of two); on the GPU the autotuner picks per shape.
+_INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4)
+
+
+def _gpu_configs():
+    cfgs = []
+    for bm, bn, bk, warps, stages in [
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 4, 5),
+        (64, 32, 32, 4, 4),
+        (64, 16, 32, 2, 4),
+    ]:
+        cfgs.append(
+            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
+        )
+    return cfgs
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles far wider than the problem (tiny Kg or reduction): they only waste work."""
+    kg = named_args["Kg"]
+    red = named_args["Cg"] * named_args["R"] * named_args["S"] if kwargs.get("FLAT_K") else named_args["Cg"]
+    max_bn = max(16, triton.next_power_of_2(kg))
+    max_bk = max(16, triton.next_power_of_2(red))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max_bn and c.kwargs["BLOCK_K"] <= max_bk]
+    return kept or configs[-1:]
+
+
+@triton.jit
+def _conv2d_fprop_kernel(
+    x_ptr,  # [N, C, H, W] input, strides sx*
+    w_ptr,  # [K, C/groups, R, S] filters, strides sw*
+    out_ptr,  # [N, K, P, Q] output, strides so*
+    scale_ptr,  # [K] fp32 (HAS_SCALE)
+    shift_ptr,  # [K] fp32 (HAS_SHIFT)
+    res_ptr,  # [N, K, P, Q] residual, strides sr* (HAS_RES)
+    cnt_ptr,  # [T] fp32 rows per tile (STATS)
+    mean_ptr,  # [T, K] fp32 per-tile channel mean of y (STATS)
+    m2_ptr,  # [T, K] fp32 per-tile channel M2 of y (STATS)
+    M, K, H, W, P, Q, Cg, Kg, R, S,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxn, sxc, sxh, sxw,
+    swk, swc, swr, sws,
+    son, sok, sop, soq,
+    srn, srk, srp, srq,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    FLAT_K: tl.constexpr,  # reduce over (r, s, c) flattened: for small C/groups (e.g. the RGB stem)
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "tf32" or "ieee"
+    DOT_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, so multiply exact fp32 copies
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    # Grouped tile order: GROUP_M row tiles share each column tile's filters in L2.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(Kg, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    q = offs_m % Q
+    t = offs_m // Q
+    p = t % P
+    n = t // P
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < Kg
+    k_glob = grp * Kg + offs_n
+
+    ih0 = p * stride_h - pad_h
+    iw0 = q * stride_w - pad_w
+    # 64-bit row bases: a batch can exceed 2^31 elements.
+    x_row = n.to(tl.int64) * sxn + (grp * Cg).to(tl.int64) * sxc
+    w_col = k_glob.to(tl.int64) * swk
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        KT = Cg * R * S
+        for k0 in range(0, KT, BLOCK_K):
+            kk = k0 + offs_k
+            k_mask = kk < KT
+            c = kk % Cg
+            rs = kk // Cg
+            r = rs // S
+            s = rs % S
+            ih = ih0[:, None] + (r * dil_h)[None, :]
+            iw = iw0[:, None] + (s * dil_w)[None, :]
+            a_mask = (m_mask[:, None] & k_mask[None, :]) & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+            a_off = x_row[:, None] + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw + (c * sxc)[None, :]
+            a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+            b_off = w_col[None, :] + (c * swc + r * swr + s * sws)[:, None]
+            b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        # One (r, s) tap and one chunk of channels per step: the row masks are 1-D and the
+        # loads are contiguous along C. A single flat loop lets Triton pipeline it.
+        n_cb = tl.cdiv(Cg, BLOCK_K)
+        for it in range(0, R * S * n_cb):
+            cb = it % n_cb
+            rs = it // n_cb
+            r = rs // S
+            s = rs % S
+            ih = ih0 + r * dil_h
+            iw = iw0 + s * dil_w
+            row_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            row_off = x_row + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            c = cb * BLOCK_K + offs_k
+            c_mask = c < Cg
+            a = tl.load(x_ptr + row_off[:, None] + (c * sxc)[None, :], mask=row_mask[:, None] & c_mask[None, :], other=0.0)
+            b_off = w_col[None, :] + (c * swc + r * swr + s * sws)[:, None]
+            b = tl.load(w_ptr + b_off, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    # ---- epilogue, all in fp32 on the accumulator ----
+    y = acc
+    if HAS_SCALE:
+        y = y * tl.load(scale_ptr + k_glob, mask=n_mask, other=1.0)[None, :]
+    if HAS_SHIFT:
+        y = y + tl.load(shift_ptr + k_glob, mask=n_mask, other=0.0)[None, :]
+    if STATS:
+        # Per-tile moments (count, mean, M2) of y per channel; combined later with Chan's
+        # formula, never as E[y^2] - E[y]^2.
+        rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)
+        rows_f = rows.to(tl.float32)
+        valid = m_mask[:, None]
+        t_mean = tl.sum(tl.where(valid, y, 0.0), axis=0) / rows_f
+        d = tl.where(valid, y - t_mean[None, :], 0.0)
+        t_m2 = tl.sum(d * d, axis=0)
+        tl.store(mean_ptr + pid_m.to(tl.int64) * K + k_glob, t_mean, mask=n_mask)
+        tl.store(m2_ptr + pid_m.to(tl.int64) * K + k_glob, t_m2, mask=n_mask)
+        if pid_n == 0:
+            if grp == 0:
+                tl.store(cnt_ptr + pid_m, rows_f)
+
+    n64 = n.to(tl.int64)
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        r_off = (n64 * srn + p.to(tl.int64) * srp + q.to(tl.int64) * srq)[:, None] + (k_glob.to(tl.int64) * srk)[None, :]
+        y = y + tl.load(res_ptr + r_off, mask=o_mask, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    o_off = (n64 * son + p.to(tl.int64) * sop + q.to(tl.int64) * soq)[:, None] + (k_glob.to(tl.int64) * sok)[None, :]
+    tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+_conv2d_fprop_autotuned = triton.autotune(
+    configs=_gpu_configs(),
+    key=["M", "Kg", "Cg", "R", "S", "stride_h", "stride_w", "H", "W", "FLAT_K", "STATS", "HAS_RES"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_conv2d_fprop_kernel)
+
+
+def use_flat_k(cg: int) -> bool:
+    """Flatten (r, s, c) into one reduction index when channels per group are too few to
+    fill a 16-wide reduction tile (e.g. the 3-channel RGB stem, depthwise convs)."""
+    return cg < 16
+
+
+def conv2d_fprop(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    out_shape: tuple[int, int, int, int],
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = False,
+    allow_tf32: bool = False,
+    out_memory_format: torch.memory_format = torch.channels_last,
+    stats: bool = False,
+):
+    """Launch the fused fprop kernel.
+
+    Args:
+        x (Tensor[N, C, H, W]): fp16/bf16/fp32; made channels-last-dense if it is not.
+        weight (Tensor[K, C/groups, R, S]): x's dtype; made channels-last-dense (K R S C) if not.
+        stride, padding (top, bottom, left, right), dilation, groups: normalised geometry.
+        out_shape: (N, K, P, Q).
+        scale, shift (Tensor[K] or None): per-channel epilogue, read as fp32.
+        residual (Tensor[N, K, P, Q] or None): x's dtype, added after scale/shift.
+        relu: apply max(., 0) last.
+        allow_tf32: fp32 inputs use TF32 tensor-core products (else IEEE fp32).
+        out_memory_format: torch.channels_last or torch.contiguous_format for the output.
+        stats: also return per-tile BatchNorm partials of y = scale * conv + shift.
+
+    Returns:
+        out (Tensor[N, K, P, Q], x's dtype, ``out_memory_format``); with ``stats``, also
+        ``(count: Tensor[T], mean: Tensor[T, K], m2: Tensor[T, K])`` fp32, one row per row
+        tile of the configuration that ran (T = ceil(N*P*Q / BLOCK_M)).
+    """
+    check_device(x, "input")
+    N, K, P, Q = out_shape
+    Kg = K // groups
+    Cg = weight.shape[1]
+    R, S = weight.shape[2], weight.shape[3]
+    M = N * P * Q
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format)
+    T = triton.cdiv(M, MIN_BLOCK_M) if stats else 1
+    if stats:
+        cnt = torch.empty((T,), dtype=torch.float32, device=x.device)
+        mean = torch.empty((T, K), dtype=torch.float32, device=x.device)
+        m2 = torch.empty((T, K), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return (out, cnt[:0], mean[:0], m2[:0]) if stats else out
+
+    x = dense_like(x, torch.channels_last)
+    weight = dense_like(weight, torch.channels_last)
+    f32 = lambda v: None if v is None else v.to(torch.float32).contiguous()  # noqa: E731
+    scale, shift = f32(scale), f32(shift)
+    if residual is not None and not residual.is_contiguous(memory_format=out_memory_format):
+        residual = residual.contiguous(memory_format=out_memory_format)
+    dummy = out  # stands in for absent optional pointers (never dereferenced)
+    res = residual if residual is not None else dummy
+    precision = "tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee"
+    flat_k = use_flat_k(Cg)
+    args = (
+        x, weight, out,
+        scale if scale is not None else dummy,
+        shift if shift is not None else dummy,
+        res,
+        cnt if stats else dummy,
+        mean if stats else dummy,
+        m2 if stats else dummy,
+        M, K, x.shape[2], x.shape[3], P, Q, Cg, Kg, R, S,
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        *x.stride(), *weight.stride(), *out.stride(), *res.stride(),
+    )
+    flags = dict(
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        HAS_RES=residual is not None,
+        RELU=relu,
+        STATS=stats,
+        FLAT_K=flat_k,
+        PRECISION=precision,
+        DOT_FP32=INTERPRET and x.dtype == torch.bfloat16,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]), groups)
+
+    if INTERPRET:
+        _conv2d_fprop_kernel[grid](*args, **flags, **_INTERPRET_CONFIG)
+        block_m = _INTERPRET_CONFIG["BLOCK_M"]
+    else:
+        with torch.cuda.device(x.device):
+            _conv2d_fprop_autotuned[grid](*args, **flags)
+        block_m = _conv2d_fprop_autotuned.best_config.kwargs["BLOCK_M"]
+    if not stats:
+        return out
+    # Rows past the tiles of the configuration that ran may hold autotuning leftovers.
+    t_used = triton.cdiv(M, block_m)
+    return out, cnt[:t_used], mean[:t_used], m2[:t_used]
