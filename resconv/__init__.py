@@ -7,7 +7,7 @@ modules), :mod:`resconv.models` (ResNet-18), :func:`convert` / :func:`revert` (r
 existing model's conv/bn/relu patterns into fused modules and back), :mod:`resconv.reference`
 (the plain-PyTorch specification).
 """
-from . import functional, nn, reference
+from . import functional, models, nn, reference
 from .convert import convert, revert
 from .functional import BackendUnavailableError, available_backends
 
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "models",
     "nn",
     "reference",
     "convert",
