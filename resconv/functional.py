@@ -94,7 +94,8 @@ def _prepare(input, weight, bias, stride, padding, dilation, groups, padding_mod
         A.check_same(bias, x, "bias")
     if padding_mode != "zeros" and any(g.padding):
         t, b, l, r = g.padding
-        x = F.pad(x, (l, r, t, b), mode=padding_mode)
+        # F.pad may return another layout: keep the input's, which the output follows.
+        x = F.pad(x, (l, r, t, b), mode=padding_mode).contiguous(memory_format=A.memory_format_of(x))
         g = A.conv_geometry(x, weight, g.stride, (0, 0, 0, 0), g.dilation, g.groups)
     A.check_residual(residual, x, g.out_shape)
     return x, residual, g, unbatched

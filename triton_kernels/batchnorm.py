@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, nkl_strides
+from ._common import INTERPRET, check_device, new_empty, nkl_strides
 
 _BLOCK_C = 32 if INTERPRET else 64
 _BLOCK_T = 32 if INTERPRET else 64
@@ -100,7 +100,7 @@ def bn_finalize(
     """
     check_device(mean, "mean")
     T, K = mean.shape
-    outs = [torch.empty((K,), dtype=torch.float32, device=mean.device) for _ in range(5)]
+    outs = [new_empty((K,), torch.float32, mean.device) for _ in range(5)]
     dummy = outs[0]
     _bn_finalize_kernel[(triton.cdiv(K, _BLOCK_C),)](
         count, mean, m2,
@@ -246,10 +246,10 @@ def bn_backward_reduce(
     T = triton.cdiv(NL, _BLOCK_R)
     dev = grad_out.device
     has_y = y is not None
-    psum = torch.empty((max(T, 1), K), dtype=torch.float32, device=dev)
-    psumy = torch.empty((max(T, 1), K), dtype=torch.float32, device=dev) if has_y else psum
-    sum_g = torch.empty((K,), dtype=torch.float32, device=dev)
-    sum_gy = torch.empty((K,), dtype=torch.float32, device=dev) if has_y else None
+    psum = new_empty((max(T, 1), K), torch.float32, dev)
+    psumy = new_empty((max(T, 1), K), torch.float32, dev) if has_y else psum
+    sum_g = new_empty((K,), torch.float32, dev)
+    sum_gy = new_empty((K,), torch.float32, dev) if has_y else None
     if NL == 0:
         sum_g.zero_()
         if sum_gy is not None:

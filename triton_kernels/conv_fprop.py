@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, dense_like
+from ._common import INTERPRET, check_device, dense_like, new_empty
 
 # Smallest BLOCK_M of any configuration below: sizes the per-tile statistics buffers before
 # the autotuner has picked a configuration (the launcher then keeps the rows it wrote).
@@ -251,12 +251,12 @@ def conv2d_fprop(
     Cg = weight.shape[1]
     R, S = weight.shape[2], weight.shape[3]
     M = N * P * Q
-    out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=out_memory_format)
+    out = new_empty(out_shape, x.dtype, x.device, out_memory_format)
     T = triton.cdiv(M, MIN_BLOCK_M) if stats else 1
     if stats:
-        cnt = torch.empty((T,), dtype=torch.float32, device=x.device)
-        mean = torch.empty((T, K), dtype=torch.float32, device=x.device)
-        m2 = torch.empty((T, K), dtype=torch.float32, device=x.device)
+        cnt = new_empty((T,), torch.float32, x.device)
+        mean = new_empty((T, K), torch.float32, x.device)
+        m2 = new_empty((T, K), torch.float32, x.device)
     if M == 0:
         return (out, cnt[:0], mean[:0], m2[:0]) if stats else out
 

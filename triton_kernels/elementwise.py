@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device
+from ._common import INTERPRET, check_device, new_empty
 
 _BLOCK = 1024 if INTERPRET else 2048
 _WARPS = 8
@@ -122,7 +122,7 @@ def scale_shift_act(
     check_device(y, "input")
     cl = _layout(y)
     y = _same_layout(y, y, cl)
-    out = torch.empty_like(y)
+    out = new_empty(y.shape, y.dtype, y.device, torch.channels_last if cl else torch.contiguous_format)
     if y.numel() == 0:
         return out
     if residual is not None:
@@ -171,8 +171,8 @@ def bn_backward_dy(
     cl = _layout(like)
     grad_out = _same_layout(grad_out, like, cl)
     fmt = torch.channels_last if cl else torch.contiguous_format
-    dy = torch.empty(like.shape, dtype=dy_dtype, device=like.device, memory_format=fmt)
-    gres = torch.empty(like.shape, dtype=grad_out.dtype, device=like.device, memory_format=fmt) if want_grad_residual else None
+    dy = new_empty(like.shape, dy_dtype, like.device, fmt)
+    gres = new_empty(like.shape, grad_out.dtype, like.device, fmt) if want_grad_residual else None
     if dy.numel() == 0:
         return dy, gres
     if out is not None:

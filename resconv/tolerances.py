@@ -1,0 +1,118 @@
+"""The tolerance policy: how close a backend's result must be to the float64 reference.
+
+Written down once, used by the tests and by ``resconv verify``. A result ``out`` passes
+against the float64 reference ``ref`` (computed from the same, already rounded, inputs) when
+every element satisfies::
+
+    |out - ref| <= atol * max|ref| + rtol * |ref|
+
+``atol`` is relative to the tensor's largest magnitude, so the rule does not depend on the
+scale of the data. NaN or Inf where the reference is finite never passes; shapes must match.
+
+Where the numbers come from: fp32 accumulation leaves the final rounding to the output dtype
+as the dominant error: 2^-24 (fp32), 2^-11 (fp16), 2^-8 (bf16) relative, plus one more
+rounding where a training-mode intermediate (the conv output y) is stored in that dtype;
+TF32 rounds the operands to 10 mantissa bits (2^-11), an error that grows with the square
+root of the reduction length. The bounds below are about 4x those estimates; gradients,
+which go through a second reduction (dgrad/wgrad) over low-precision intermediates, get 2x
+more.
+
+One more rule, for gradients through a ReLU: where a pre-activation lies within the output
+tolerance of zero, a correct low-precision forward and the float64 reference can fall on
+opposite sides of the ReLU, and that element's gradient then differs by O(1) for any
+implementation (PyTorch's own modules included). Gradient references therefore take the
+ReLU mask of the result under test inside that band and their own outside it
+(:func:`relu_mask_for_reference`): the gradient is checked for the activation pattern the
+forward pass actually produced, which the output check has already bounded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float  # relative to max |ref|
+
+
+# key: dtype name, or "tf32" for float32 computed on TF32 tensor cores
+OUTPUT = {
+    "float64": Tolerance(1e-10, 1e-12),
+    "float32": Tolerance(1e-5, 1e-5),
+    "tf32": Tolerance(4e-3, 4e-3),
+    "float16": Tolerance(4e-3, 2e-3),
+    "bfloat16": Tolerance(3e-2, 1.6e-2),
+}
+GRAD = {k: Tolerance(2 * t.rtol, 2 * t.atol) for k, t in OUTPUT.items()}
+
+
+def precision_key(dtype: torch.dtype, tf32: bool = False) -> str:
+    """'float32', 'tf32', 'float16', 'bfloat16' or 'float64'."""
+    if dtype == torch.float32 and tf32:
+        return "tf32"
+    return str(dtype).replace("torch.", "")
+
+
+def tolerance(dtype: torch.dtype, *, tf32: bool = False, grad: bool = False) -> Tolerance:
+    table = GRAD if grad else OUTPUT
+    return table[precision_key(dtype, tf32)]
+
+
+@dataclass
+class Comparison:
+    """Result of :func:`compare`: ``ok`` and the errors that decided it."""
+
+    ok: bool
+    max_abs_err: float
+    max_rel_err: float  # max |out - ref| / max |ref|
+    worst_ratio: float  # max over elements of |out - ref| / bound (<= 1 passes)
+    reason: Optional[str] = None
+
+    def __str__(self) -> str:
+        s = f"max abs {self.max_abs_err:.3e}, rel {self.max_rel_err:.3e}, bound ratio {self.worst_ratio:.2f}"
+        return s if self.ok else f"FAIL ({self.reason}): {s}"
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> Comparison:
+    """Check ``out`` against the float64 reference ``ref`` under ``tol`` (see module docstring)."""
+    if tuple(out.shape) != tuple(ref.shape):
+        return Comparison(False, float("inf"), float("inf"), float("inf"), f"shape {tuple(out.shape)} != {tuple(ref.shape)}")
+    if ref.numel() == 0:
+        return Comparison(True, 0.0, 0.0, 0.0)
+    o = out.detach().to(torch.float64).cpu()
+    r = ref.detach().to(torch.float64).cpu()
+    finite_ref = torch.isfinite(r)
+    if not torch.equal(torch.isfinite(o), finite_ref):
+        return Comparison(False, float("nan"), float("nan"), float("inf"), "non-finite values where the reference has none (or vice versa)")
+    o, r = o[finite_ref], r[finite_ref]
+    if r.numel() == 0:
+        return Comparison(True, 0.0, 0.0, 0.0)
+    scale = r.abs().max().item()
+    err = (o - r).abs()
+    bound = tol.atol * scale + tol.rtol * r.abs()
+    max_abs = err.max().item()
+    ratio = (err / bound.clamp_min(1e-300)).max().item() if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    rel = max_abs / scale if scale > 0 else max_abs
+    ok = bool((err <= bound).all()) if scale > 0 else max_abs == 0
+    return Comparison(ok, max_abs, rel, ratio, None if ok else "error above tolerance")
+
+
+
+def relu_mask_for_reference(pre_ref: torch.Tensor, out: torch.Tensor, tol: Tolerance) -> torch.Tensor:
+    """The ReLU mask a float64 gradient reference should use (see the module docstring).
+
+    Args:
+        pre_ref (Tensor): the reference's pre-activation (float64).
+        out (Tensor): the output under test (after its ReLU), same shape.
+    Returns:
+        bool Tensor: ``pre_ref > 0``, except within the tolerance band around zero, where
+        ``out > 0``.
+    """
+    r = pre_ref.detach()
+    band = tol.atol * r.abs().max() + tol.rtol * r.abs()
+    ambiguous = r.abs() <= band
+    return torch.where(ambiguous, out.detach().to(r.device) > 0, r > 0)
