@@ -11,6 +11,7 @@ and implements ``conv2d``, ``conv_bn_train`` and ``add_relu`` on normalised argu
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from typing import Optional
 
@@ -63,15 +64,15 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self):
+        # Do not import triton here: TRITON_INTERPRET must be set before triton is first
+        # imported (its own library functions are decorated then), and a CLI may set it late.
         self.cause: Optional[BaseException] = None
-        try:
-            import triton  # noqa: F401
-        except Exception as e:  # ImportError, or a broken install
-            self.cause = e
+        if importlib.util.find_spec("triton") is None:
+            self.cause = ModuleNotFoundError("No module named 'triton'")
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         if self.cause is not None:
-            return f"triton cannot be imported ({self.cause})"
+            return f"triton is not installed ({self.cause})"
         if dtype not in HALF_AND_FLOAT:
             return f"dtype {dtype} is not supported (float16, bfloat16, float32)"
         interpret = _interpret_mode()

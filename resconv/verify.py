@@ -1,0 +1,312 @@
+"""``resconv verify``: check every available backend against torch.nn on real photographs.
+
+1. Each distinct conv layer shape of ResNet-18 (ImageNet variant): the fused op (conv +
+   eval BatchNorm + ReLU, + residual where the block has one) on fresh random input, against
+   torch.nn (Conv2d, BatchNorm2d, ReLU) in float64.
+2. ResNet-18 made of resconv modules on scikit-image's sample photographs, resized and
+   normalised the ImageNet way (shorter side to 256/224 of the crop, centre crop, ImageNet
+   mean/std), against the same network in torch.nn (torchvision's resnet18 when installed)
+   in float64: logit errors and top-1 agreement. Weights are random (seeded), with random
+   BatchNorm statistics so that no layer is an identity; nothing is downloaded.
+
+Pass/fail uses the tolerance policy of :mod:`resconv.tolerances`. Without a GPU the Triton
+kernels run through the interpreter, at a reduced image size by default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "retina", "hubble_deep_field", "ihc")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DTYPES = {"float32": "float32", "tf32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check the backends against torch.nn on ResNet-18 layers and real photographs",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (auto: cuda if available, else cpu with the Triton interpreter)")
+    p.add_argument("--backend", action="append", choices=("triton", "cuda", "torch"),
+                   help="backend(s) to check (repeatable; default: every backend available on the device)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="compute dtype (tf32: float32 on TF32 tensor cores; default float32)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="photographs per batch (default: 8 on GPU, 2 on CPU)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="crop size in pixels (default: 224 on GPU, 96 on CPU)")
+    p.add_argument("--layer-batch", type=int, default=None,
+                   help="batch of the per-layer checks (default: 8 on GPU, 1 on CPU)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+@dataclass
+class Check:
+    kind: str  # "layer" or "model"
+    backend: str
+    name: str
+    max_abs_err: float
+    max_rel_err: float
+    tolerance_ratio: float
+    passed: bool
+    extra: dict = field(default_factory=dict)
+
+
+def _pick_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda") is None:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run(args: argparse.Namespace) -> int:
+    device = _pick_device(args.device)
+    if device == "cpu" and "TRITON_INTERPRET" not in os.environ:
+        # before resconv's Triton kernels are first imported (they are imported lazily)
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    import resconv
+    from resconv import tolerances as T
+
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA GPU is available", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, DTYPES[args.dtype])
+    tf32 = args.dtype == "tf32"
+    gpu = device == "cuda"
+    batch = args.batch_size or (8 if gpu else 2)
+    size = args.image_size or (224 if gpu else 96)
+    layer_batch = args.layer_batch or (8 if gpu else 1)
+    avail = resconv.available_backends(device, dtype)
+    wanted = args.backend or [b for b in ("cuda", "triton", "torch") if avail[b] is None]
+    for b in wanted:
+        if avail[b] is not None:
+            print(f"error: backend {b!r} cannot run on {device}/{dtype}: {avail[b]}", file=sys.stderr)
+            return 2
+    print(f"resconv {resconv.__version__} verify: device={device} ({_device_name(device)}), dtype={args.dtype}, "
+          f"backends={','.join(wanted)}, photos {batch}x3x{size}x{size}, layer batch {layer_batch}")
+    for b, why in avail.items():
+        if b not in wanted:
+            print(f"  skipped backend {b}: {why or 'not requested'}")
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    checks = []
+    layers = resnet18_layer_shapes(224)
+    from tqdm import tqdm
+
+    jobs = [(b, spec) for b in wanted for spec in layers]
+    for b, spec in tqdm(jobs, desc="layers", unit="layer", file=sys.stderr, disable=None):
+        checks.append(check_layer(spec, b, device, dtype, tf32, layer_batch, T))
+    photos = load_photos(batch, size)
+    for b in tqdm(wanted, desc="resnet18 on photos", unit="backend", file=sys.stderr, disable=None):
+        checks.append(check_model(photos, b, device, dtype, tf32, T, args.seed))
+    elapsed = time.perf_counter() - t0
+    _print_table(checks)
+    ok = all(c.passed for c in checks)
+    print(f"{sum(c.passed for c in checks)}/{len(checks)} checks passed in {elapsed:.1f} s: {'PASS' if ok else 'FAIL'}")
+    if args.json:
+        info = dict(device=device, device_name=_device_name(device), dtype=args.dtype, backends=wanted,
+                    batch_size=batch, image_size=size, layer_batch=layer_batch, seed=args.seed,
+                    torch=torch.__version__, resconv=resconv.__version__, seconds=elapsed, passed=ok,
+                    tolerances={k: asdict(v) for k, v in T.OUTPUT.items()},
+                    checks=[asdict(c) for c in checks])
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0 if ok else 1
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+
+
+def resnet18_layer_shapes(size: int = 224) -> list[dict]:
+    """The distinct fused conv layers of ResNet-18 (ImageNet variant) at ``size`` x ``size``:
+    dicts with C, K, kernel, stride, padding, H, W, residual, relu, and the layer names."""
+    import torch
+
+    from resconv.models import resnet18
+    from resconv.nn import _ConvBnNd, ConvBnAddReLU2d
+
+    model = resnet18().eval()
+    seen: dict[tuple, dict] = {}
+
+    def hook(name):
+        def fn(mod, inp, out):
+            key = (mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                   tuple(inp[0].shape[2:]), isinstance(mod, ConvBnAddReLU2d), mod._relu)
+            if key not in seen:
+                seen[key] = dict(C=key[0], K=key[1], kernel=key[2], stride=key[3], padding=key[4], H=key[5][0],
+                                 W=key[5][1], residual=key[6], relu=key[7], names=[name])
+            else:
+                seen[key]["names"].append(name)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, _ConvBnNd)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))  # shape tracing only; no values are checked here
+    for h in handles:
+        h.remove()
+    return list(seen.values())
+
+
+def _layer_name(spec: dict) -> str:
+    k = "x".join(map(str, spec["kernel"]))
+    s = spec["stride"][0]
+    epi = "+add+relu" if spec["residual"] else ("+relu" if spec["relu"] else "")
+    return f"{spec['names'][0]} {spec['C']}->{spec['K']} {k}/s{s} @{spec['H']}x{spec['W']} bn{epi}"
+
+
+def check_layer(spec, backend, device, dtype, tf32, batch, T) -> Check:
+    import torch
+    from torch import nn
+
+    from resconv.nn import ConvBnAddReLU2d, ConvBn2d, ConvBnReLU2d
+
+    cls = ConvBnAddReLU2d if spec["residual"] else (ConvBnReLU2d if spec["relu"] else ConvBn2d)
+    m = cls(spec["C"], spec["K"], spec["kernel"], spec["stride"], spec["padding"])
+    _randomise_bn(m.bn)
+    m = m.eval().to(device=device, dtype=dtype)
+    m.backend, m.allow_tf32 = backend, tf32
+    x = torch.randn(batch, spec["C"], spec["H"], spec["W"], device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    P = (spec["H"] + 2 * spec["padding"][0] - spec["kernel"][0]) // spec["stride"][0] + 1
+    Q = (spec["W"] + 2 * spec["padding"][1] - spec["kernel"][1]) // spec["stride"][1] + 1
+    res = torch.randn(batch, spec["K"], P, Q, device=device, dtype=dtype) if spec["residual"] else None
+    with torch.no_grad():
+        out = m(x, res) if res is not None else m(x)
+        conv = nn.Conv2d(spec["C"], spec["K"], spec["kernel"], spec["stride"], spec["padding"], bias=False,
+                         dtype=torch.float64)
+        conv.weight.copy_(m.weight.double().cpu())
+        bn = nn.BatchNorm2d(spec["K"], dtype=torch.float64).eval()
+        bn.load_state_dict({k: v.double().cpu() if v.is_floating_point() else v.cpu()
+                            for k, v in m.bn.state_dict().items()})
+        ref = bn(conv(x.double().cpu()))
+        if res is not None:
+            ref = ref + res.double().cpu()
+        if spec["relu"]:
+            ref = torch.relu(ref)
+    cmp = T.compare(out, ref, T.tolerance(dtype, tf32=tf32 and device == "cuda"))
+    return Check("layer", backend, _layer_name(spec), cmp.max_abs_err, cmp.max_rel_err, cmp.worst_ratio, cmp.ok,
+                 {"layers": spec["names"], "batch": batch})
+
+
+def _randomise_bn(bn) -> None:
+    import torch
+
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+
+
+def load_photos(batch: int, size: int):
+    """``batch`` of scikit-image's bundled RGB photographs (cycled), ImageNet-style
+    preprocessing: resize the shorter side to ``size * 256 / 224``, centre-crop ``size``,
+    scale to [0, 1], normalise with the ImageNet mean/std. Returns Tensor[batch, 3, size, size] fp32."""
+    import numpy as np
+    import skimage.data
+    import torch
+    from skimage.transform import resize
+
+    imgs = []
+    for i in range(batch):
+        name = PHOTOS[i % len(PHOTOS)]
+        img = np.asarray(getattr(skimage.data, name)(), dtype=np.float64)
+        if img.ndim == 2:
+            img = np.stack([img] * 3, -1)
+        img = img[..., :3]
+        if img.max() > 1.0:
+            img = img / 255.0
+        h, w = img.shape[:2]
+        short = round(size * 256 / 224)
+        nh, nw = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
+        img = resize(img, (nh, nw), anti_aliasing=True)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        img = img[top : top + size, left : left + size]
+        img = (img - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+        imgs.append(torch.from_numpy(img.transpose(2, 0, 1).copy()).float())
+    return torch.stack(imgs)
+
+
+def _reference_model(state_dict):
+    """torch.nn ResNet-18 in float64: torchvision's when installed, else resconv's on the
+    torch backend (same keys)."""
+    import torch
+
+    try:
+        import torchvision
+
+        ref = torchvision.models.resnet18()
+    except ImportError:
+        from resconv.models import resnet18
+
+        ref = resnet18()
+        for m in ref.modules():
+            if hasattr(m, "backend"):
+                m.backend = "torch"
+    ref.load_state_dict(state_dict)
+    return ref.to(torch.float64).eval()
+
+
+def check_model(photos, backend, device, dtype, tf32, T, seed) -> Check:
+    import torch
+
+    from resconv.models import resnet18
+
+    torch.manual_seed(seed)
+    model = resnet18()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            _randomise_bn(m)
+    ref = _reference_model(model.state_dict())
+    for m in model.modules():
+        if hasattr(m, "backend"):
+            m.backend, m.allow_tf32 = backend, tf32
+    model = model.eval().to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    x = photos.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        logits = model(x)
+        ref_logits = ref(x.double().cpu())
+    # A 20-layer network compounds rounding: the logits get 4x the per-layer tolerance.
+    tol = T.tolerance(dtype, tf32=tf32 and device == "cuda")
+    tol = T.Tolerance(4 * tol.rtol, 4 * tol.atol)
+    cmp = T.compare(logits, ref_logits, tol)
+    top1 = (logits.float().cpu().argmax(1) == ref_logits.argmax(1)).float().mean().item()
+    return Check("model", backend, f"resnet18 logits on {x.shape[0]} photos {x.shape[2]}x{x.shape[3]}",
+                 cmp.max_abs_err, cmp.max_rel_err, cmp.worst_ratio, cmp.ok, {"top1_agreement": top1})
+
+
+def _print_table(checks) -> None:
+    rows = [("backend", "check", "max abs err", "rel err", "err/tol", "result")]
+    for c in checks:
+        extra = f" top-1 agree {c.extra['top1_agreement']:.0%}" if "top1_agreement" in c.extra else ""
+        rows.append((c.backend, c.name + extra, f"{c.max_abs_err:.2e}", f"{c.max_rel_err:.2e}",
+                     f"{c.tolerance_ratio:.2f}", "pass" if c.passed else "FAIL"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
