@@ -155,7 +155,11 @@ def batch_moments(y: Tensor, process_group=None) -> tuple[Tensor, Tensor, int]:
     """Per-channel batch mean and biased variance of y (Tensor[N, K, P, Q]), optionally over
     all ranks of ``process_group`` (differentiable all-gather of (count, mean, M2))."""
     n_local = y.numel() // y.shape[1]
-    var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    if n_local == 0:  # an empty batch has no statistics; its (empty) output needs none
+        zeros = y.new_zeros(y.shape[1]) + y.sum((0, 2, 3))  # keeps the graph: gradients are zeros
+        mean, var = zeros, zeros + 1.0
+    else:
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
     if process_group is None:
         return mean, var, n_local
     import torch.distributed.nn.functional as dist_nn

@@ -1,0 +1,301 @@
+"""``resconv train``: train the CIFAR-variant ResNet-18 made of resconv modules on a real,
+offline image data set, optionally side by side with the same network in torch.nn.
+
+Data: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes), upscaled to
+32x32 (bilinear) and replicated to 3 channels, split 80/20 (stratified, seeded); or CIFAR-10
+from a local folder in torchvision's format (``cifar-10-batches-py``; nothing is downloaded)
+given by ``--data``.
+
+``--compare`` trains a torch.nn ResNet-18 (torchvision's, with the CIFAR stem) from the same
+initial weights on the same batches in the same order, prints both loss curves side by side,
+and checks the first steps and the final accuracy:
+
+* step 0 (identical weights, so a pure forward comparison) agrees within the output
+  tolerance of the dtype (``resconv.tolerances``);
+* SGD amplifies rounding from the first update on (at initialisation, float32 gradients of
+  ResNet-18 differ from float64 ones by a few percent for torch.nn itself), so for the next
+  ``--check-steps`` steps both runs are also compared with torch.nn in float64 on the same
+  batches: resconv's distance to that reference must be no more than twice torch.nn's own,
+  plus the tolerance (the rule FlashAttention's tests use);
+* both reach the same test accuracy (within 2 points; above 95 % on digits).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import sys
+import time
+
+DIGITS_ACCURACY_TARGET = 0.95
+MAX_ACCURACY_GAP = 0.02  # |acc_resconv - acc_torch| allowed by --compare
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train ResNet-18 (CIFAR variant) on digits or CIFAR-10, optionally vs torch.nn",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", metavar="DIR", help="CIFAR-10 folder (torchvision's cifar-10-batches-py); default: digits")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--backend", choices=("auto", "triton", "cuda", "torch"), default="auto",
+                   help="resconv backend (auto: cuda/triton on GPU, torch on CPU)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="autocast dtype for the forward/backward (default float32, IEEE)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 4 (digits), 10 (CIFAR-10)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--compare", action="store_true", help="also train torch.nn's ResNet-18 from the same start")
+    p.add_argument("--check-steps", type=int, default=5,
+                   help="--compare: the first N steps' losses must agree within tolerance (default 5)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="write losses and accuracies as JSON")
+    p.set_defaults(func=run)
+
+
+# ----------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------
+def load_digits(seed: int):
+    """scikit-learn's digits as (x_train, y_train, x_test, y_test): Tensor[n, 3, 32, 32] fp32
+    normalised to zero mean / unit variance, int64 labels."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    d = sk_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # [n, 1, 8, 8] in [0, 1]
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=0.2, stratify=d.target, random_state=seed)
+    mean, std = x[idx_tr].mean(), x[idx_tr].std()
+    x = (x - mean) / std
+    return x[idx_tr], y[idx_tr], x[idx_te], y[idx_te]
+
+
+def load_cifar10(root: str):
+    """CIFAR-10 from torchvision's on-disk format (``data_batch_1..5``, ``test_batch``), as
+    (x_train, y_train, x_test, y_test) normalised per channel."""
+    import numpy as np
+    import torch
+
+    folder = root if os.path.exists(os.path.join(root, "test_batch")) else os.path.join(root, "cifar-10-batches-py")
+    if not os.path.exists(os.path.join(folder, "test_batch")):
+        raise FileNotFoundError(f"--data: no CIFAR-10 batches (test_batch, data_batch_1..5) under {root!r}")
+
+    def read(name):
+        with open(os.path.join(folder, name), "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+        return np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(d["labels"], dtype=np.int64)
+
+    parts = [read(f"data_batch_{i}") for i in range(1, 6)]
+    xtr = torch.from_numpy(np.concatenate([p[0] for p in parts])).float() / 255.0
+    ytr = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    xte, yte = read("test_batch")
+    xte = torch.from_numpy(xte).float() / 255.0
+    mean = xtr.mean(dim=(0, 2, 3), keepdim=True)
+    std = xtr.std(dim=(0, 2, 3), keepdim=True)
+    return (xtr - mean) / std, ytr, (xte - mean) / std, torch.from_numpy(yte)
+
+
+# ----------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------
+def torch_nn_resnet18_cifar(num_classes: int = 10):
+    """torch.nn ResNet-18 with the CIFAR stem (torchvision's, conv1 3x3/1, no max-pool):
+    the same state_dict keys as ``resconv.models.resnet18(variant="cifar")``."""
+    import torchvision
+    from torch import nn
+
+    m = torchvision.models.resnet18(num_classes=num_classes)
+    m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    m.maxpool = nn.Identity()
+    return m
+
+
+def _set_backend(model, backend):
+    for m in model.modules():
+        if hasattr(m, "backend"):
+            m.backend = None if backend == "auto" else backend
+
+
+# ----------------------------------------------------------------------------------------
+# training loop
+# ----------------------------------------------------------------------------------------
+class Trainer:
+    """SGD with Nesterov momentum, weight decay and a one-cycle learning rate, on one model."""
+
+    def __init__(self, model, device, dtype, args, steps_total):
+        import torch
+
+        self.model = model.to(device).to(memory_format=torch.channels_last)
+        self.device, self.dtype = device, dtype
+        self.opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                   weight_decay=args.weight_decay, nesterov=True)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=args.lr, total_steps=max(steps_total, 1))
+        self.losses: list[float] = []
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.dtype in (torch.float32, torch.float64):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def step(self, x, y) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        self.model.train()
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            loss = F.cross_entropy(self.model(x).float(), y.to(self.device))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.losses.append(loss.item())
+        return self.losses[-1]
+
+    def accuracy(self, x, y, batch: int = 256) -> float:
+        import torch
+
+        self.model.eval()
+        correct = 0
+        with torch.no_grad(), self._autocast():
+            for i in range(0, len(y), batch):
+                xb = x[i : i + batch].to(self.device).contiguous(memory_format=torch.channels_last)
+                correct += (self.model(xb).argmax(1).cpu() == y[i : i + batch]).sum().item()
+        return correct / len(y)
+
+
+def run(args: argparse.Namespace) -> int:
+    import ctypes.util
+
+    device_name = args.device
+    if device_name == "auto":
+        device_name = "cpu" if ctypes.util.find_library("cuda") is None else "cuda"
+    if device_name == "cpu" and args.backend == "triton" and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
+    import torch
+
+    from resconv import tolerances as T
+    from resconv.models import resnet18
+
+    if device_name == "cuda" and not torch.cuda.is_available():
+        device_name = "cpu"
+    device = torch.device(device_name)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    if args.data:
+        xtr, ytr, xte, yte = load_cifar10(args.data)
+        dataset, epochs = "cifar10", args.epochs or 10
+    else:
+        xtr, ytr, xte, yte = load_digits(args.seed)
+        dataset, epochs = "digits", args.epochs or 4
+    steps_per_epoch = (len(ytr) + args.batch_size - 1) // args.batch_size
+    schedule_steps = epochs * steps_per_epoch  # the schedule is the full run's; --max-steps cuts it short
+    steps = schedule_steps if args.max_steps is None else min(args.max_steps, schedule_steps)
+
+    model = resnet18(num_classes=10, variant="cifar")
+    _set_backend(model, args.backend)
+    runs = {"resconv": None}
+    if args.compare:
+        ref = torch_nn_resnet18_cifar(10)
+        ref.load_state_dict(model.state_dict())  # same initial weights
+        runs["torch.nn"] = Trainer(ref, device, dtype, args, schedule_steps)
+        ref64 = torch_nn_resnet18_cifar(10)
+        ref64.load_state_dict(model.state_dict())
+        fp64 = Trainer(ref64.double(), device, torch.float64, args, schedule_steps)
+    runs["resconv"] = Trainer(model, device, dtype, args, schedule_steps)
+    print(f"resconv train: {dataset} ({len(ytr)} train / {len(yte)} test, 3x32x32), ResNet-18 (CIFAR stem), "
+          f"device={device}, backend={args.backend}, dtype={args.dtype}, {epochs} epochs, batch {args.batch_size}, "
+          f"{steps} steps{', vs torch.nn' if args.compare else ''}")
+
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    step = 0
+    bar = tqdm(total=steps, desc="train", unit="step", file=sys.stderr, disable=None)
+    while step < steps:
+        order = torch.randperm(len(ytr), generator=gen)  # the same order for both models
+        for i in range(0, len(ytr), args.batch_size):
+            if step >= steps:
+                break
+            idx = order[i : i + args.batch_size]
+            postfix = {name: f"{tr.step(xtr[idx], ytr[idx]):.4f}" for name, tr in runs.items()}
+            if args.compare and step < args.check_steps:
+                fp64.step(xtr[idx].double(), ytr[idx])
+            bar.set_postfix(postfix)
+            bar.update(1)
+            step += 1
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    acc = {name: tr.accuracy(xte, yte) for name, tr in runs.items()}
+    return _report(args, runs, acc, elapsed, dataset, dtype, T, fp64.losses if args.compare else None)
+
+
+def _report(args, runs, acc, elapsed, dataset, dtype, T, losses64) -> int:
+    names = list(runs)
+    losses = {n: runs[n].losses for n in names}
+    nsteps = len(losses["resconv"])
+    shown = sorted(set(list(range(min(nsteps, 10))) + list(range(0, nsteps, max(1, nsteps // 10))) + [nsteps - 1]))
+    header = "step  " + "  ".join(f"{n:>10}" for n in names) + ("   |diff|/loss" if len(names) > 1 else "")
+    print(header)
+    for s in shown:
+        row = f"{s:>4}  " + "  ".join(f"{losses[n][s]:10.5f}" for n in names)
+        if len(names) > 1:
+            a, b = losses["resconv"][s], losses["torch.nn"][s]
+            row += f"   {abs(a - b) / max(abs(b), 1e-12):.2e}"
+        print(row)
+    ok = True
+    for n in names:
+        print(f"test accuracy {n}: {acc[n]:.2%}")
+    if dataset == "digits" and args.max_steps is None:
+        for n in names:
+            if acc[n] < DIGITS_ACCURACY_TARGET:
+                print(f"FAIL: {n} reached {acc[n]:.2%} < {DIGITS_ACCURACY_TARGET:.0%} on digits")
+                ok = False
+    if len(names) > 1:
+        ok = _check_curves(losses["resconv"], losses["torch.nn"], losses64, dtype, T) and ok
+        gap = abs(acc["resconv"] - acc["torch.nn"])
+        if args.max_steps is None and gap > MAX_ACCURACY_GAP:
+            print(f"FAIL: accuracies differ by {gap:.2%} > {MAX_ACCURACY_GAP:.0%}")
+            ok = False
+    print(f"{nsteps} steps in {elapsed:.1f} s: {'PASS' if ok else 'FAIL'}")
+    if losses64:
+        losses["torch.nn-float64"] = losses64
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(dataset=dataset, args={k: v for k, v in vars(args).items() if k != "func"},
+                           losses=losses, accuracy=acc, seconds=elapsed, passed=ok), f, indent=2)
+        print(f"wrote {args.json}")
+    return 0 if ok else 1
+
+
+def _check_curves(ours, theirs, ref64, dtype, T) -> bool:
+    """The early-step rule of the module docstring; prints what it compared."""
+    out_tol = T.tolerance(dtype)
+    ok = True
+    d0 = abs(ours[0] - theirs[0]) / max(abs(theirs[0]), 1e-12)
+    if d0 > out_tol.rtol + out_tol.atol:
+        print(f"FAIL: step 0 losses differ by {d0:.2e} (relative), above {out_tol.rtol + out_tol.atol:.1e}")
+        ok = False
+    tol = T.tolerance(dtype, grad=True)
+    print("step  |resconv - fp64|  |torch.nn - fp64|  (torch.nn in float64 on the same batches)")
+    for s, l64 in enumerate(ref64):
+        e_ours, e_theirs = abs(ours[s] - l64), abs(theirs[s] - l64)
+        bound = 2 * e_theirs + (tol.rtol + tol.atol) * abs(l64)
+        flag = "" if e_ours <= bound else "  FAIL"
+        print(f"{s:>4}  {e_ours:15.3e}  {e_theirs:16.3e}{flag}")
+        ok = ok and e_ours <= bound
+    if ok:
+        print(f"first {len(ref64)} steps: resconv is within 2x torch.nn's own distance to float64 (+ tolerance)")
+    return ok

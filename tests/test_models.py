@@ -1,0 +1,174 @@
+"""ResNet-18 from resconv modules against torchvision, and convert()/revert() of torchvision
+models (outputs, gradients, state_dict keys, parameter sharing)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import resconv
+from resconv import tolerances as T
+from resconv.models import resnet18
+from conftest import test_device
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def _randomise_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _backend(model, name):
+    for m in model.modules():
+        if hasattr(m, "backend"):
+            m.backend = name
+    return model
+
+
+def _close(a, b, factor=4.0):
+    tol = T.tolerance(torch.float32)
+    cmp = T.compare(a, b, T.Tolerance(tol.rtol * factor, tol.atol * factor))
+    assert cmp.ok, str(cmp)
+
+
+def test_imagenet_variant_has_torchvision_keys_and_logits():
+    tv = _randomise_bn(torchvision.models.resnet18())
+    ours = resnet18()
+    sd_ours, sd_tv = ours.state_dict(), tv.state_dict()
+    assert list(sd_ours) == list(sd_tv)
+    assert all(sd_ours[k].shape == sd_tv[k].shape for k in sd_tv)
+    ours.load_state_dict(sd_tv)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _close(_backend(ours, "torch").eval()(x), tv.double().eval()(x.double()))
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in tv.parameters())
+
+
+def test_cifar_variant_layout():
+    m = resnet18(num_classes=10, variant="cifar")
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and isinstance(m.maxpool, nn.Identity)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="variant"):
+        resnet18(variant="tiny")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_imagenet_resnet18_train_step_matches_torchvision(backend):
+    dev = test_device() if backend == "triton" else "cpu"
+    tv = _randomise_bn(torchvision.models.resnet18(num_classes=10))
+    ours = _backend(resnet18(num_classes=10), backend)
+    ours.load_state_dict(tv.state_dict())
+    ours.to(dev).train()
+    tv = tv.double().train()
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    out = ours(x.float().to(dev))
+    ref = tv(x)
+    _close(out, ref)
+    ref.sum().backward()
+    out.sum().backward()
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), tv.named_parameters()):
+        assert n1 == n2
+        # ResNet-18's float32 gradients at initialisation are ill-conditioned for torch.nn too
+        # (a few percent of the largest element): compare them as norms.
+        rel = (p1.grad.double().cpu() - p2.grad).norm() / p2.grad.norm()
+        assert rel < 5e-3, (n1, rel.item())
+    for k, v in tv.state_dict().items():
+        if "running" in k:
+            _close(ours.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_convert_and_revert_torchvision(arch, mode):
+    model = _randomise_bn(getattr(torchvision.models, arch)(num_classes=10))
+    reference = copy.deepcopy(model).double()
+    keys = list(model.state_dict())
+    params = {n: p for n, p in model.named_parameters()}
+    converted, report = resconv.convert(model, return_report=True)
+    assert converted is model
+    assert list(model.state_dict()) == keys, "convert must keep the state_dict keys"
+    assert {n: p for n, p in model.named_parameters()} == params, "convert must share the Parameters"
+    n_fused = len(report.fused)
+    assert n_fused == (1 + 8 if arch == "resnet18" else 1 + 16), report  # stem + blocks (downsample fused inside its block)
+    assert isinstance(model.layer1[0], resconv.models.BasicBlock if arch == "resnet18" else resconv.models.Bottleneck)
+    _backend(model, "torch")
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    model.train(mode == "train")
+    reference.train(mode == "train")
+    out = model(x.float())
+    ref = reference(x)
+    _close(out, ref)
+    if mode == "train":
+        out.square().mean().backward()
+        ref.square().mean().backward()
+        named_ref = dict(reference.named_parameters())
+        for n, p in model.named_parameters():
+            rel = (p.grad.double() - named_ref[n].grad).norm() / named_ref[n].grad.norm().clamp_min(1e-30)
+            assert rel < 5e-3, (n, rel.item())
+    resconv.revert(model)
+    assert type(model.layer1[0]).__module__ == "torchvision.models.resnet"
+    assert type(model.conv1) is nn.Conv2d and type(model.bn1) is nn.BatchNorm2d and type(model.relu) is nn.ReLU
+    assert list(model.state_dict()) == keys
+    assert not any(isinstance(m, (resconv.nn._ConvBnNd, resconv.nn.FoldedBatchNorm2d)) for m in model.modules())
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        _close(model(x.float()), reference(x))
+
+
+def test_convert_sequential_patterns_and_report():
+    seq = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8),
+        nn.Conv2d(8, 4, 3), nn.ReLU(),  # no BatchNorm: left alone
+        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(5 - 1 + 0),  # same channels: fused
+    )
+    _randomise_bn(seq)
+    ref = copy.deepcopy(seq).double().eval()
+    keys = list(seq.state_dict())
+    _, report = resconv.convert(seq, return_report=True)
+    assert [k for _, k in report.fused] == ["conv-bn-relu", "conv-bn", "conv-bn"]
+    assert [p for p, _ in report.left] == ["5"]
+    assert list(seq.state_dict()) == keys
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        _close(_backend(seq, "torch").eval()(x), ref(x.double()))
+    resconv.revert(seq)
+    assert [type(m) for m in seq] == [type(m) for m in ref]
+    assert seq[2].inplace
+
+
+def test_convert_then_move_then_revert_keeps_buffers():
+    model = torchvision.models.resnet18()
+    resconv.convert(model)
+    model.to(torch.float64)
+    assert model.layer2[0].downsample[1].running_mean.dtype == torch.float64
+    resconv.revert(model)
+    assert model.layer2[0].downsample[1].running_mean.dtype == torch.float64
+    assert model.bn1.running_var.dtype == torch.float64
+
+
+def test_custom_forward_conv_is_left_alone():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # the conv output has two users: fusing would be wrong
+
+    net = Net()
+    _, report = resconv.convert(net, return_report=True)
+    assert report.fused == [] and [p for p, _ in report.left] == ["conv"]
+    assert type(net.conv) is nn.Conv2d
