@@ -8,6 +8,9 @@
 //    a multiple): the SIMT kernel.
 #include "ops.h"
 
+#include <cstdlib>
+#include <cstring>
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/cuda/CUDAContextLight.h>
@@ -69,12 +72,17 @@ Geometry check_conv_args(const char* op, const Tensor& x, const Tensor& weight, 
   TORCH_CHECK_VALUE(M < (int64_t(1) << 31) - 256, op, ": input: N*P*Q = ", M, " output pixels exceed 2^31 - 256");
   TORCH_CHECK_VALUE(g.Cg * g.R * g.S < (int64_t(1) << 31) && g.H < (int64_t(1) << 31) && g.W < (int64_t(1) << 31),
                     op, ": input: sizes exceed 2^31");
+  return g;
+}
+
+// After every shape/dtype check: where the tensors live.
+void check_conv_devices(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& scale,
+                        const OptTensor& shift, const OptTensor& residual) {
   check_cuda(x, op, "input");
   check_same_device(weight, x, op, "weight", "input");
   check_same_device(scale, x, op, "scale", "input");
   check_same_device(shift, x, op, "shift", "input");
   check_same_device(residual, x, op, "residual", "input");
-  return g;
 }
 
 bool aligned16(const Tensor& t) { return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -97,6 +105,23 @@ std::pair<Tensor, Tensor> pad_channels(const Tensor& x, const Tensor& weight, in
   return {xp, wp};
 }
 
+// Test aid: RESCONV_CUDA_CONV_KERNEL=tc128x128|tc128x64|tc64x64|simt forces a kernel where the
+// call allows it (the tensor cores never serve float32 without TF32, nor grouped convs whose
+// C/groups is not a multiple of the vector width), so small test shapes reach every kernel.
+enum class Forced { Auto, Tile, Simt };
+Forced forced_kernel(ConvTile& tile) {
+  const char* v = std::getenv("RESCONV_CUDA_CONV_KERNEL");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return Forced::Auto;
+  if (std::strcmp(v, "simt") == 0) return Forced::Simt;
+  if (std::strcmp(v, "tc128x128") == 0) tile = ConvTile::M128N128;
+  else if (std::strcmp(v, "tc128x64") == 0) tile = ConvTile::M128N64;
+  else if (std::strcmp(v, "tc64x64") == 0) tile = ConvTile::M64N64;
+  else
+    TORCH_CHECK_VALUE(false, "RESCONV_CUDA_CONV_KERNEL: expected auto, tc128x128, tc128x64, tc64x64 or simt, got '",
+                      v, "'");
+  return Forced::Tile;
+}
+
 // Widest tile that still gives every SM about two CTAs.
 ConvTile pick_tile(int64_t M, int64_t Kg, int64_t groups, int sms) {
   auto ctas = [&](int64_t bm, int64_t bn) { return (M + bm - 1) / bm * ((Kg + bn - 1) / bn) * groups; };
@@ -111,6 +136,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_fprop_impl(
     int64_t groups, bool relu, bool allow_tf32, bool channels_last, bool stats) {
   const Geometry g = check_conv_args(op, x_in, weight_in, scale_in, shift_in, residual_in, stride, padding, dilation,
                                      groups);
+  check_conv_devices(op, x_in, weight_in, scale_in, shift_in, residual_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto out_fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const int64_t M = g.N * g.P * g.Q;
@@ -132,7 +158,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_fprop_impl(
   const int64_t vec = 16 / x_in.element_size();
   const bool tensor_cores = !is_f32 || allow_tf32;
   const bool tc_fits = g.Cg % vec == 0;
-  const bool use_tc = tensor_cores && (tc_fits || groups == 1);
+  ConvTile forced_tile = ConvTile::M64N64;
+  const Forced forced = forced_kernel(forced_tile);
+  const bool use_tc = tensor_cores && (tc_fits || groups == 1) && forced != Forced::Simt;
 
   Tensor x, w;
   int64_t C = g.C, Cg = g.Cg;
@@ -192,7 +220,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_fprop_impl(
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const DType dt = to_dtype(x.scalar_type());
   if (use_tc) {
-    const ConvTile tile = pick_tile(M, p.Kg, groups, props->multiProcessorCount);
+    const ConvTile tile =
+        forced == Forced::Tile ? forced_tile : pick_tile(M, p.Kg, groups, props->multiProcessorCount);
     TORCH_CHECK(static_cast<size_t>(conv_fprop_tc_smem_bytes(tile)) <= props->sharedMemPerBlockOptin, op,
                 ": the tensor-core kernel needs ", conv_fprop_tc_smem_bytes(tile),
                 " bytes of shared memory per block, this GPU allows ", props->sharedMemPerBlockOptin);
@@ -233,12 +262,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv2d_bn_train(
   check_conv_args(op, x, weight, std::nullopt, bias, residual, stride, padding, dilation, groups);
   check_channel_vector(bn_weight, weight.size(0), op, "bn_weight");
   check_channel_vector(bn_bias, weight.size(0), op, "bn_bias");
+  check_conv_devices(op, x, weight, std::nullopt, bias, residual);
   check_same_device(bn_weight, x, op, "bn_weight", "input");
   check_same_device(bn_bias, x, op, "bn_bias", "input");
   auto [y, count, pmean, pm2] = conv2d_fprop_impl(op, x, weight, std::nullopt, bias, std::nullopt, stride, padding,
                                                   dilation, groups, false, allow_tf32, channels_last, true);
   auto [mean, invstd, var_unbiased, a, b] = bn_finalize(count, pmean, pm2, bn_weight, bn_bias, eps);
-  Tensor out = scale_shift_act(y, a, b, residual, relu);
+  Tensor out = scale_shift_act_impl(op, y, a, b, residual, relu,
+                                    channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   return {out, y, mean, invstd, var_unbiased};
 }
 

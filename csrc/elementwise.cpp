@@ -6,10 +6,12 @@
 #include <c10/cuda/CUDAStream.h>
 
 namespace resconv {
-namespace {
 
+// `fmt` is the output's layout (operands are read dense in it): y's own (memory_format_of) for
+// the op, the conv output's for the training composite, where both layouts can coincide
+// (P = Q = 1) and the result must carry the strides its fake implementation promises.
 Tensor scale_shift_act_impl(const char* op, const Tensor& y_in, const OptTensor& a_in, const OptTensor& b_in,
-                            const OptTensor& residual_in, bool relu) {
+                            const OptTensor& residual_in, bool relu, at::MemoryFormat fmt) {
   check_dim(y_in, 4, op, "input", "[N, K, P, Q]");
   check_kernel_dtype(y_in, op, "input");
   const int64_t K = y_in.size(1);
@@ -25,7 +27,6 @@ Tensor scale_shift_act_impl(const char* op, const Tensor& y_in, const OptTensor&
   check_same_device(b_in, y_in, op, "b", "input");
   check_same_device(residual_in, y_in, op, "residual", "input");
   const c10::cuda::CUDAGuard guard(y_in.device());
-  const auto fmt = memory_format_of(y_in);
   const Tensor y = dense_in(y_in, fmt);
   Tensor out = new_output(y.sizes(), y.options(), fmt);
   if (y.numel() == 0) return out;
@@ -37,15 +38,14 @@ Tensor scale_shift_act_impl(const char* op, const Tensor& y_in, const OptTensor&
   return out;
 }
 
-}  // namespace
-
 Tensor scale_shift_act(const Tensor& y, const OptTensor& a, const OptTensor& b, const OptTensor& residual,
                        bool relu) {
-  return scale_shift_act_impl("resconv::cuda_scale_shift_act", y, a, b, residual, relu);
+  return scale_shift_act_impl("resconv::cuda_scale_shift_act", y, a, b, residual, relu, memory_format_of(y));
 }
 
 Tensor add_relu(const Tensor& x, const Tensor& residual, bool relu) {
-  return scale_shift_act_impl("resconv::cuda_add_relu", x, std::nullopt, std::nullopt, residual, relu);
+  return scale_shift_act_impl("resconv::cuda_add_relu", x, std::nullopt, std::nullopt, residual, relu,
+                              memory_format_of(x));
 }
 
 std::tuple<Tensor, Tensor> bn_backward_dy(const Tensor& grad_out_in, const OptTensor& out_in, const OptTensor& y_in,

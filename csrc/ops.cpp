@@ -13,6 +13,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(resconv, m) {
+  // torch imports this module when it needs a fake implementation that is not registered yet.
+  m.set_python_module("resconv.ops.cuda");
   m.def(
       "cuda_conv2d_fprop(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual, int[2] stride, "
       "int[4] padding, int[2] dilation, int groups, bool relu, bool allow_tf32, bool channels_last) -> Tensor");

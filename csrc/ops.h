@@ -43,6 +43,10 @@ void bn_update_running_stats_(const OptTensor& running_mean, const OptTensor& ru
 Tensor scale_shift_act(const Tensor& y, const OptTensor& a, const OptTensor& b, const OptTensor& residual,
                        bool relu);
 Tensor add_relu(const Tensor& x, const Tensor& residual, bool relu);
+// scale_shift_act with the output layout given (operands are read dense in it); `op` names
+// the calling op in error messages.
+Tensor scale_shift_act_impl(const char* op, const Tensor& y, const OptTensor& a, const OptTensor& b,
+                            const OptTensor& residual, bool relu, at::MemoryFormat fmt);
 
 // (sum(g), sum(g * (y - mean))) per channel, g = grad_out * (out > 0 if relu); zeros when y absent.
 std::tuple<Tensor, Tensor> bn_backward_reduce(const Tensor& grad_out, const OptTensor& out, const OptTensor& y,

@@ -171,7 +171,6 @@ def _use_cuda_home(cuda_home: str) -> None:
     on PATH, which can be a wrapper outside the toolkit)."""
     from torch.utils import cpp_extension
 
-    os.environ.setdefault("CUDA_HOME", cuda_home)
     cpp_extension.CUDA_HOME = cuda_home
 
 
