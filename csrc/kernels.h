@@ -98,7 +98,7 @@ void launch_bn_backward_dy(const void* grad_out, const void* out, const void* y,
                            DType dy_dt, int64_t numel, int64_t K, int64_t L, bool channels_last, bool relu,
                            cudaStream_t stream);
 
-// ---- build / device probes (elementwise.cu) --------------------------------------------
+// ---- build / device probes (elementwise_kernel.cu) -------------------------------------
 // nullptr when this build holds a kernel image CUDA device `device` can run, else the CUDA
 // error string (e.g. "no kernel image is available for execution on the device"). Queries the
 // device; restores the current device.

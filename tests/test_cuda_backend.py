@@ -137,6 +137,27 @@ def test_python_fragments_coexist_with_cpp_library(ext):
     assert hasattr(torch.ops.resconv, "cuda_conv2d_fprop")
 
 
+def test_bare_import_registers_fakes_and_autograd(ext):
+    """Loading the module by itself (as a bare `import resconv._C` of an ahead-of-time build
+    does) registers the fake implementations: its module init calls resconv.ops.cuda."""
+    path = Path(ext.__file__)
+    code = (
+        "import importlib.util, torch\n"
+        f"spec = importlib.util.spec_from_file_location({path.name.split('.')[0]!r}, {str(path)!r})\n"
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "x = torch.empty(2, 8, 6, 6, device='meta', requires_grad=True)\n"
+        "w = torch.empty(16, 8, 3, 3, device='meta')\n"
+        "out = torch.ops.resconv.cuda_conv2d_fprop(x, w, None, None, None, [2, 2], [1, 1, 1, 1], [1, 1], 1, True, "
+        "False, True)\n"
+        "import resconv.ops.cuda as c\n"
+        "print(tuple(out.shape), out.is_contiguous(memory_format=torch.channels_last), out.grad_fn is not None, "
+        "c._extension is mod)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "(2, 16, 3, 3) True True True" in res.stdout, res.stdout + res.stderr
+
+
 def test_kernels_namespace_mirrors_triton_launchers():
     pytest.importorskip("triton")
     from resconv import triton_kernels
@@ -683,7 +704,8 @@ def test_gpu_statistics_with_large_offset(gpu, dtype, fmt):
     bias = torch.full((32,), 1e4, device=gpu, dtype=dtype)
     out, y, mean, invstd, var_u = torch.ops.resconv.cuda_conv2d_bn_train(
         x, w, bias, None, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 1e-5, False, False, fmt == "nhwc")
-    y64 = _conv64(x, w, A.conv_geometry(x, w, 1, 1, 1, 1)) + 1e4
+    # + the bias as stored: 1e4 rounds to 9984 in bfloat16
+    y64 = _conv64(x, w, A.conv_geometry(x, w, 1, 1, 1, 1)) + bias.double().cpu().view(1, -1, 1, 1)
     var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3), correction=0)
     n = y64.numel() // y64.shape[1]
     torch.testing.assert_close(mean.double().cpu(), mean64, rtol=1e-6, atol=0)

@@ -43,18 +43,13 @@ OPS = (
 )
 
 
-def _ops_defined() -> bool:
-    return hasattr(torch.ops.resconv, OPS[0])
-
-
 def ops():
     """``torch.ops.resconv`` with the CUDA ops loaded and their Python registrations done.
 
     Loads ``resconv._C`` (compiling it just in time if needed); raises its build or import
     error when it cannot be had.
     """
-    _build.load_extension()
-    _register_once()
+    _register_once(_build.load_extension())
     return torch.ops.resconv
 
 
@@ -69,10 +64,11 @@ def _empty(shape, like: Tensor, fmt=torch.contiguous_format, dtype=None) -> Tens
 # ------------------------------------------------------------------------------------------
 # fake (meta) implementations: shapes, dtypes and memory formats exactly as the C++ launchers
 # ------------------------------------------------------------------------------------------
-def _stats_tile_rows() -> int:
-    import sys
+_extension = None  # the loaded resconv._C module (set by _register_once)
 
-    return sys.modules["resconv._C"].STATS_TILE_ROWS
+
+def _stats_tile_rows() -> int:
+    return _extension.STATS_TILE_ROWS
 
 
 def _fake_conv2d_fprop(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32,
@@ -227,13 +223,19 @@ _AUTOGRAD = {
     "cuda_conv2d_bn_train": (_train_backward, _train_setup),
     "cuda_add_relu": (_add_backward, _add_setup),
 }
+# The C++ library names this module as the home of its fake implementations
+# (set_python_module), and the extension's module init calls _register_once.
 _registered = False
 _register_lock = threading.Lock()
 
 
-def _register_once() -> None:
-    global _registered
+def _register_once(extension=None) -> None:
+    """Register the fake implementations and autograd (once). The extension's module init
+    calls this with itself; :func:`ops` calls it too."""
+    global _registered, _extension
     with _register_lock:
+        if extension is not None:
+            _extension = extension
         if _registered:
             return
         for name, fn in _FAKES.items():
@@ -241,12 +243,6 @@ def _register_once() -> None:
         for name, (backward, setup) in _AUTOGRAD.items():
             torch.library.register_autograd(f"resconv::{name}", backward, setup_context=setup)
         _registered = True
-
-
-# The C++ library names this module as the home of its fake implementations
-# (set_python_module): torch imports it when it needs them, and it registers here.
-if _ops_defined():
-    _register_once()
 
 
 # ------------------------------------------------------------------------------------------
@@ -259,6 +255,7 @@ class CudaBackend:
 
     def __init__(self):
         self.cause: Optional[BaseException] = None
+        self._load_reason: Optional[str] = None  # None: not tried yet; "": loaded
         self._probed: dict[int, Optional[str]] = {}
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -266,11 +263,15 @@ class CudaBackend:
             return f"dtype {dtype} is not supported (float16, bfloat16, float32)"
         if device.type != "cuda":
             return f"needs a CUDA tensor (the CUDA C++ kernels run on CUDA devices only), got a tensor on {device.type}"
-        try:
-            ops()  # loads the extension, compiling it just in time on first use
-        except Exception as e:
-            self.cause = e
-            return f"the CUDA C++ extension resconv._C is not available ({type(e).__name__}: {e})"
+        if self._load_reason is None:
+            try:
+                ops()  # loads the extension, compiling it just in time on first use
+                self._load_reason = ""
+            except Exception as e:  # remembered: "auto" asks on every call
+                self.cause = e
+                self._load_reason = f"the CUDA C++ extension resconv._C is not available ({type(e).__name__}: {e})"
+        if self._load_reason:
+            return self._load_reason
         try:
             index = device.index if device.index is not None else torch.cuda.current_device()
             if index not in self._probed:
