@@ -190,7 +190,9 @@ def _cached_build_is_fresh(build_dir: Path, sources: list[Path]) -> bool:
     libs = list(build_dir.glob(f"{EXT_NAME}*.so"))
     if not libs:
         return False
-    newest_src = max(p.stat().st_mtime for p in sources + sorted(sources[0].parent.glob("*.h*")))
+    csrc = sources[0].parent
+    headers = list(csrc.glob("*.h")) + list(csrc.glob("*.cuh"))
+    newest_src = max(p.stat().st_mtime for p in sources + headers)
     return max(p.stat().st_mtime for p in libs) >= newest_src
 
 
