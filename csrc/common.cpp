@@ -1,0 +1,110 @@
+#include "common.h"
+
+#include <cstdlib>
+#include <limits>
+
+namespace resconv {
+
+bool is_channels_last(const Tensor& t) {
+  if (t.dim() != 4 || t.is_contiguous()) return false;
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return true;
+  return t.stride(1) <= std::min(t.stride(2), t.stride(3));
+}
+
+Tensor dense_in(const Tensor& t, at::MemoryFormat fmt) {
+  return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
+}
+
+static bool poison_outputs() {
+  static const bool on = [] {
+    const char* v = std::getenv("RESCONV_POISON");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
+Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts, at::MemoryFormat fmt) {
+  Tensor t = at::empty(sizes, opts.memory_format(fmt));
+  if (poison_outputs() && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+DType to_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kHalf:
+      return DType::Half;
+    case at::kBFloat16:
+      return DType::BFloat16;
+    case at::kFloat:
+      return DType::Float;
+    case at::kDouble:
+      return DType::Double;
+    default:
+      TORCH_CHECK_TYPE(false, "resconv CUDA kernels: unsupported dtype ", s);
+  }
+}
+
+void check_kernel_dtype(const Tensor& t, const char* op, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat, op, ": ", name,
+                   ": expected dtype float16, bfloat16 or float32, got ", s);
+}
+
+void check_dim(const Tensor& t, int64_t dim, const char* op, const char* name, const char* shape_doc) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, ": expected a ", dim, "-D tensor ", shape_doc, ", got shape ",
+                    t.sizes());
+}
+
+void check_same_dtype(const Tensor& t, const Tensor& ref, const char* op, const char* name, const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, ": expected dtype ", ref.scalar_type(),
+                   " (the dtype of ", ref_name, "), got ", t.scalar_type());
+}
+
+void check_same_shape(const Tensor& t, const Tensor& ref, const char* op, const char* name, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), op, ": ", name, ": expected the shape of ", ref_name, " ", ref.sizes(),
+                    ", got ", t.sizes());
+}
+
+void check_channel_vector(const OptTensor& t, int64_t K, const char* op, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, op, ": ", name, ": expected shape [", K,
+                    "] (one value per channel), got ", t->sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", name, ": expected a floating dtype, got ",
+                   t->scalar_type());
+}
+
+void check_cuda(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, ": expected a CUDA tensor, got a tensor on ", t.device(),
+              " (resconv's CUDA C++ ops run on CUDA tensors only; use backend='torch' or 'triton')");
+}
+
+void check_same_device(const OptTensor& t, const Tensor& ref, const char* op, const char* name,
+                       const char* ref_name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK_VALUE(t->device() == ref.device(), op, ": ", name, ": expected a tensor on ", ref_name, "'s device ",
+                    ref.device(), ", got ", t->device());
+}
+
+Tensor as_float_vector(const OptTensor& t) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  return t->to(at::kFloat).contiguous();
+}
+
+NKLView nkl_view(const Tensor& t) {
+  const int64_t K = t.size(1);
+  const int64_t L = t.size(2) * t.size(3);
+  NKLView v;
+  v.data = t.data_ptr();
+  if (is_channels_last(t)) {
+    v.sn = L * K;
+    v.sk = 1;
+    v.sl = K;
+  } else {
+    v.sn = K * L;
+    v.sk = L;
+    v.sl = 1;
+  }
+  return v;
+}
+
+}  // namespace resconv

@@ -1,0 +1,109 @@
+// The interface between the host launchers (*.cpp, compiled once by the host compiler with
+// ATen) and the kernels (*.cu, compiled by nvcc once per GPU architecture). Plain C++ with
+// raw pointers and sizes only: no ATen here, so that nvcc parses as little as possible.
+//
+// Layout conventions (field names as in resconv's docs):
+//   x       [N, H, W, C]       dense channels-last input
+//   weight  [K, R, S, C/groups] dense ("K R S C"): reduction index (r, s, c), c fastest
+//   out     [N, K, P, Q]       any strides given by out_s* (NCHW- or NHWC-dense in practice)
+// GEMM view per group: M = N*P*Q rows, K/groups columns, (C/groups)*R*S reduction.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace resconv {
+
+enum class DType : int { Half = 0, BFloat16 = 1, Float = 2, Double = 3 };
+
+// Rows of one BatchNorm statistics partial: the conv epilogue writes one (count, mean, M2)
+// per channel for every kStatsTileRows output pixels, whatever tile configuration ran.
+constexpr int kStatsTileRows = 64;
+
+// Tile configurations of the tensor-core fprop kernel (BM x BN output tile, 8 warps).
+enum class ConvTile : int { M128N128 = 0, M128N64 = 1, M64N64 = 2 };
+
+struct ConvFpropParams {
+  const void* x;        // [N, H, W, C] channels-last dense, 16-byte aligned (tensor-core path)
+  const void* w;        // [K, R, S, Cg] dense, 16-byte aligned (tensor-core path)
+  void* out;            // [N, K, P, Q], strides out_sn/sk/sp/sq (elements)
+  const float* scale;   // [K] or nullptr
+  const float* shift;   // [K] or nullptr
+  const void* res;      // [N, K, P, Q] with out's strides, or nullptr
+  float* stat_count;    // [T] rows per statistics partial, or nullptr (no statistics)
+  float* stat_mean;     // [T, K] per-partial channel mean of y = scale*acc + shift
+  float* stat_m2;       // [T, K] per-partial channel sum of squared deviations of y
+  int64_t N, C, H, W;   // input
+  int64_t K, R, S;      // filters (K output channels in all groups)
+  int64_t P, Q;         // output spatial size
+  int64_t Cg, Kg;       // channels per group (input / output)
+  int64_t groups;
+  int64_t M;            // N*P*Q, < 2^31 (checked by the launcher)
+  int64_t Kred;         // Cg*R*S, < 2^31
+  int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;  // pad_h / pad_w: top / left
+  int64_t out_sn, out_sk, out_sp, out_sq;
+  bool relu;
+  // Epilogue stores 16-byte vectors along K: output and residual channels-last dense with
+  // 16-byte aligned bases, Kg a multiple of the vector width (decided by the launcher).
+  bool vec_out;
+};
+
+// Tensor-core implicit-GEMM fprop (mma.sync, sm_80+). Needs Cg*sizeof(T) % 16 == 0.
+// For DType::Float the products run in TF32.
+void launch_conv_fprop_tc(const ConvFpropParams& p, DType dt, ConvTile tile, cudaStream_t stream);
+// General SIMT fprop: any Cg, groups, stride, padding, dilation; exact fp32 FMA.
+void launch_conv_fprop_simt(const ConvFpropParams& p, DType dt, cudaStream_t stream);
+// Dynamic shared memory (bytes) the tensor-core kernel of `tile` needs (for the launcher's check).
+int conv_fprop_tc_smem_bytes(ConvTile tile);
+
+// ---- BatchNorm statistics ----------------------------------------------------------------
+// Merge T partials (count[T], mean[T,K], m2[T,K]) with Chan's formula in a fixed order into
+// mean, invstd = 1/sqrt(M2/n + eps), var_unbiased = M2/max(n-1, 1), a = gamma*invstd,
+// b = beta - mean*a (each [K] fp32). gamma/beta ([K] fp32) may be nullptr (1 / 0).
+void launch_bn_finalize(const float* count, const float* mean, const float* m2, int64_t T, int64_t K,
+                        const float* gamma, const float* beta, double eps, float* out_mean, float* out_invstd,
+                        float* out_var, float* out_a, float* out_b, cudaStream_t stream);
+
+// running = (1 - momentum) * running + momentum * batch, in place, for running_mean (if not
+// nullptr) and running_var (if not nullptr), both [K] contiguous of dtype dt.
+void launch_update_running_stats(void* running_mean, void* running_var, DType dt, const float* mean,
+                                 const float* var_unbiased, int64_t K, double momentum, cudaStream_t stream);
+
+// A 4-D tensor [N, K, P, Q] seen as [N, K, L = P*Q] through strides (sn, sk, sl).
+struct NKLView {
+  const void* data;
+  int64_t sn, sk, sl;
+};
+
+// Per-channel sum(g) and sum(g * (y - mean)) with g = grad_out * (out > 0 if relu), in a fixed
+// order: the first pass writes partials [T, K] (T = ceil(N*L / kReduceRows)), the second
+// sums them. y / mean optional (y.data == nullptr: only sum(g)). All tensors of dtype dt.
+constexpr int kReduceRows = 256;
+void launch_bn_backward_reduce(NKLView grad_out, NKLView out, NKLView y, const float* mean, DType dt,
+                               int64_t N, int64_t K, int64_t L, bool relu, float* partial_g,
+                               float* partial_gy, float* sum_g, float* sum_gy, cudaStream_t stream);
+
+// ---- elementwise over dense [N, K, P, Q] (NCHW- or NHWC-dense, all operands alike) -------
+// out = act(y * a[k] + b[k] + residual); a/b/residual optional.
+void launch_scale_shift_act(const void* y, const void* residual, void* out, const float* a, const float* b,
+                            DType dt, int64_t numel, int64_t K, int64_t L, bool channels_last, bool relu,
+                            cudaStream_t stream);
+
+// g = grad_out * (out > 0 if relu); grad_residual = g (if not nullptr);
+// dy = a[k]*g + b[k]*(y - mean[k]) + c[k] (the last two terms only when y != nullptr).
+// dy is of dtype dy_dt (dt or Float), the other tensors of dtype dt.
+void launch_bn_backward_dy(const void* grad_out, const void* out, const void* y, void* dy, void* grad_residual,
+                           const float* a, const float* b, const float* c, const float* mean, DType dt,
+                           DType dy_dt, int64_t numel, int64_t K, int64_t L, bool channels_last, bool relu,
+                           cudaStream_t stream);
+
+// ---- build / device probes (elementwise_kernel.cu) -------------------------------------
+// nullptr when this build holds a kernel image CUDA device `device` can run, else the CUDA
+// error string (e.g. "no kernel image is available for execution on the device"). Queries the
+// device; restores the current device.
+const char* probe_kernel_image(int device);
+// The architectures nvcc compiled for (its __CUDA_ARCH_LIST__, e.g. "800,900").
+const char* compiled_arch_list();
+
+}  // namespace resconv
