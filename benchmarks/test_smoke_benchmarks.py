@@ -22,7 +22,8 @@ from resconv.bench.shapes import smoke_layers
 
 CPU = torch.device("cpu")
 PROVIDER_NAMES = ["eager", "bare-conv", "resconv-torch", "resconv-triton"]
-CASES = [LayerCase(lay, 2, mode, "fp32", "channels_last") for lay in smoke_layers() for mode in ("eval", "train-fwdbwd")]
+CASES = [LayerCase(lay, 2, mode, "fp32", "channels_last")
+         for lay in smoke_layers() for mode in ("eval", "train-fwdbwd")]
 
 
 @pytest.mark.parametrize("provider", PROVIDER_NAMES)

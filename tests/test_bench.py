@@ -279,7 +279,8 @@ def test_torch_resnet_twin_matches_resconv_model():
 def test_cli_list(capsys):
     from resconv.cli import main
 
-    assert main(["bench", "--device", "cpu", "--preset", "quick", "--list", "--providers", "+compile,-eager-graph"]) == 0
+    argv = ["bench", "--device", "cpu", "--preset", "quick", "--list", "--providers", "+compile,-eager-graph"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "roofline" in out.splitlines()[0] and "jobs (preset quick)" in out
     assert "'compile'" in out and "eager-graph'" not in out.split("layer providers")[1].split(";")[0]
@@ -287,17 +288,32 @@ def test_cli_list(capsys):
         main(["bench", "--list", "--providers", "nonexistent"])
 
 
+@pytest.mark.slow
+def test_compile_provider_on_cpu():
+    """torch.compile per layer (the `full` preset's provider): compiled once per case, checked,
+    timed; its compilation shows as setup time; the retained-graph backward is declared n/a."""
+    plan = _torch_plan(sections=["layers"], layer_filter="conv2", modes=["eval", "train-fwdbwd", "train-bwd"],
+                       layer_providers=["eager", "compile"])
+    res = Runner(plan, CPU, progress=False).run()
+    got = {r["mode"]: r["providers"]["compile"] for r in res["layers"]}
+    assert got["eval"]["status"] == "ok" and got["train-fwdbwd"]["status"] == "ok", got
+    assert got["train-bwd"]["status"] == "unavailable"
+    assert got["eval"]["setup_s"] > res["layers"][0]["providers"]["eager"]["setup_s"]
+
+
 # ------------------------------------------------------------------------------ GPU paths
 @pytest.mark.gpu
 def test_gpu_paths(tmp_path):
-    """CUDA events, graphs, cuDNN's fused ops, torch.compile, peak memory, roofline: a tiny plan."""
+    """CUDA events, graphs, cuDNN's fused ops, peak memory, roofline, on a tiny plan (a few
+    seconds once the kernels are compiled; torch.compile is covered by test_compile_provider_on_cpu
+    and by the suite itself)."""
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("needs a CUDA GPU (and TRITON_INTERPRET unset)")
     plan = replace(
         preset("quick"), variants=["smoke"], batches=[8], modes=["eval", "train-fwdbwd", "train-bwd"],
-        layer_providers=["eager", "bare-conv", "cudnn-fused", "compile", "resconv-triton", "resconv-cuda",
-                         "eager-graph", "resconv-triton-graph"],
-        e2e_variants=["cifar"], e2e_batches=[8], train_batches=[8], memory_batches=[8],
+        layer_providers=["eager", "bare-conv", "cudnn-fused", "resconv-triton", "resconv-cuda", "eager-graph",
+                         "resconv-triton-graph"],
+        e2e_variants=["cifar"], e2e_batches=[8], train_batches=[], memory_batches=[8],
         e2e_providers=["eager", "eager-graph", "resconv-triton", "resconv-triton-graph"],
         timer=TimerConfig(warmup_ms=2, rep_ms=5, min_reps=5), e2e_timer=TimerConfig(warmup_ms=5, rep_ms=20, min_reps=3),
     )

@@ -44,12 +44,13 @@ def _ints(text: str) -> list:
     try:
         return [int(t) for t in _list(text)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmark suite (per layer, end to end, roofline)",
-                              description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("smoke", "quick", "full"), help="default: quick on a GPU, smoke without")
     p.add_argument("--device", help="'cuda' or 'cpu' (default: cuda when a GPU is visible)")
     p.add_argument("--sections", type=_list, help="of roofline,layers,memory,e2e (default: all)")
@@ -130,7 +131,7 @@ def build_plan(args, device):
     try:
         plan.validate()
     except ValueError as e:
-        raise SystemExit(f"resconv bench: {e}")
+        raise SystemExit(f"resconv bench: {e}") from None
     return name, plan
 
 
@@ -186,9 +187,9 @@ def main(args) -> int:
               f"end-to-end providers {plan.e2e_providers}")
         return 0
     if device.type == "cpu":
+        what = ": small shapes, a check of the harness, not a measurement" if name == "smoke" else ""
         print(f"resconv bench: no CUDA GPU {'used' if args.device else 'found'}: running on the CPU "
-              f"(preset {name}{': small shapes, a check of the harness, not a measurement' if name == 'smoke' else ''})",
-              file=sys.stderr, flush=True)
+              f"(preset {name}{what})", file=sys.stderr, flush=True)
         _reexec_under_interpreter(args, plan)
 
     outdir = None
@@ -196,7 +197,10 @@ def main(args) -> int:
         if args.out is not None:
             outdir = args.out
         else:
-            gpu = slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu-" + slug(os.uname().machine)
+            if device.type == "cuda":
+                gpu = slug(torch.cuda.get_device_name(device))
+            else:
+                gpu = f"cpu-{slug(os.uname().machine)}"
             date = _dt.date.today().isoformat()
             outdir = args.results_root / gpu / date
             if (outdir / "results.json").exists():

@@ -166,8 +166,10 @@ def jobs(plan: Plan) -> list[Job]:
                 tier = 2 if (dt, fmt) == first else 5
                 for v in plan.e2e_variants:
                     size = plan.e2e_image_size or IMAGE_SIZE[v]
-                    inf = [E2ECase(v, "inference", b, dt, fmt, size) for b in sorted(set(plan.e2e_batches), reverse=True)]
-                    train = [E2ECase(v, "train", b, dt, fmt, size) for b in sorted(set(plan.train_batches), reverse=True)]
+                    inf = [E2ECase(v, "inference", b, dt, fmt, size)
+                           for b in sorted(set(plan.e2e_batches), reverse=True)]
+                    train = [E2ECase(v, "train", b, dt, fmt, size)
+                             for b in sorted(set(plan.train_batches), reverse=True)]
                     # The largest inference and training batches first, then the others.
                     for c in inf[:1] + train[:1] + inf[1:] + train[1:]:
                         out.append(Job("e2e", tier, f"e2e {c.label}", c))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .report import STATUS_MARK
+
 
 def _figure(*args, **kwargs):
     from matplotlib.figure import Figure
@@ -25,6 +27,8 @@ def _short_layer(label: str) -> str:
 
 
 def layers_chart(results: dict, path: Path) -> bool:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     rows = results["layers"]
     if not rows:
         return False
@@ -35,7 +39,8 @@ def layers_chart(results: dict, path: Path) -> bool:
     fig = None
     for i, mode in enumerate(modes):
         sel = [r for r in rows if (r["mode"], r["dtype"], r["fmt"], r["batch"]) == (mode, dt, fmt, b)]
-        names = [n for n in dict.fromkeys(n for r in sel for n in r["providers"]) if n != "eager"]
+        names = [n for n in dict.fromkeys(n for r in sel for n in r["providers"])
+                 if n != "eager" and any("speedup_vs_eager" in r["providers"].get(n, {}) for r in sel)]
         if fig is None:
             width = min(28.0, max(8.0, 0.35 * len(sel) * max(1, len(names)) ** 0.5 + 4))
             fig = _figure(figsize=(width, 3.8 * len(modes)), layout="constrained")
@@ -46,7 +51,9 @@ def layers_chart(results: dict, path: Path) -> bool:
             ys = [r["providers"].get(n, {}).get("speedup_vs_eager", math.nan) for r in sel]
             ax.bar([k + (j - (len(names) - 1) / 2) * width for k in range(len(sel))], ys, width, label=n)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")  # ratios: 2x faster and 2x slower are the same distance from 1
+        ax.set_yscale("log", base=2)  # ratios: 2x faster and 2x slower are the same distance from 1
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(range(len(sel)), [_short_layer(r["layer"]["label"]) for r in sel], rotation=60, ha="right",
                       fontsize=7)
         ax.set_ylabel("speedup over eager (log)")
@@ -72,7 +79,8 @@ def e2e_chart(results: dict, path: Path) -> bool:
                                                      for n in names])
         for bar_, n in zip(bars, names):
             rec = r["providers"][n]
-            text = f"{rec['images_per_s']:.3g}" if rec.get("status") == "ok" else rec.get("status", "?")
+            ok = rec.get("status") == "ok"
+            text = f"{rec['images_per_s']:.3g}" if ok else STATUS_MARK.get(rec.get("status"), "?")
             ax.annotate(text, (bar_.get_x() + bar_.get_width() / 2, bar_.get_height()), ha="center", va="bottom",
                         fontsize=7)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)

@@ -193,9 +193,9 @@ class CompileProvider(Provider):
         self._fn = None
 
     def prepare(self, case, sets):
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
-        torch._dynamo.reset()  # each case compiles afresh: no cache limit reached across cases
+        dynamo.reset()  # each case compiles afresh: no cache limit reached across cases
         L = case.layer
 
         def f(x, w, gamma, beta, rmean, rvar, res):

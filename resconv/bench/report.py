@@ -115,6 +115,8 @@ def layer_summary_rows(results: dict, mode: str = "eval") -> tuple[list, list]:
         headers += [f"N={b} speedup vs eager", f"N={b} time / bare conv"]
     out = []
     for name in _providers_in(rows):
+        if all(r["providers"].get(name, {}).get("status") == "unavailable" for r in rows):
+            continue  # e.g. CUDA graphs in a training mode
         line = [name]
         for b in batches:
             recs = [r["providers"].get(name, {}) for r in rows if r["batch"] == b]

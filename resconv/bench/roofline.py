@@ -82,7 +82,6 @@ def measure_peaks(device: torch.device, dtypes, cfg: TimerConfig) -> dict:
             torch.backends.cuda.matmul.allow_tf32 = old
         out["matmul_tflops"][name] = 2 * n**3 / (t.median_ms * 1e-3) / 1e12
         out["timings"][f"matmul_{name}"] = t.as_dict()
-        del a, b, c
     numel = (1 << 28) if gpu else (1 << 24)  # 1 GiB / 64 MiB of float32
     src = [torch.randn(numel, device=device, generator=gen) for _ in range(2)]
     dst = torch.empty(numel, device=device)

@@ -154,7 +154,8 @@ class Runner:
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0 or left < min_budget_s:
-                return dict(status="skipped", reason=f"time budget: {max(left, 0):.0f} s left, needs ~{min_budget_s:.0f} s")
+                return dict(status="skipped",
+                            reason=f"time budget: {max(left, 0):.0f} s left, needs ~{min_budget_s:.0f} s")
         return None
 
     def _cleanup(self) -> None:
@@ -225,8 +226,6 @@ class Runner:
                 if "roof_ms" in w:
                     rec["roof_fraction"] = w["roof_ms"] / rec["median_ms"]
             row["providers"][name] = rec
-        del sets, refs
-        self._cleanup()
         _relative(row["providers"])
         return row
 
@@ -298,7 +297,6 @@ class Runner:
 
                 b, cnt = saved_bytes(fwd, list(model.parameters()))
                 row["saved"][name] = dict(status="ok", bytes=b, tensors=cnt)
-                del model
             except Exception as e:
                 row["saved"][name] = dict(status="error", reason=_message(e))
             self._cleanup()
@@ -347,8 +345,6 @@ class Runner:
                 if peaks:
                     rec["roof_fraction"] = rec["tflops"] / peaks["matmul_tflops"][case.dtype]
             row["providers"][name] = rec
-        del xs, ys, ref
-        self._cleanup()
         _relative(row["providers"])
         return row
 
