@@ -227,6 +227,20 @@ def test_time_budget_skips_and_lists_jobs():
     assert res["skipped"] == [j.label for j in jobs(plan)]
 
 
+def test_job_error_loses_the_job_not_the_run(monkeypatch):
+    import resconv.bench.runner as runner_mod
+
+    def broken(*a, **k):
+        raise MemoryError("out of memory building the inputs")
+
+    monkeypatch.setattr(runner_mod, "make_set", broken)
+    plan = _torch_plan(sections=["roofline", "layers"], modes=["eval"])
+    res = Runner(plan, CPU, progress=False).run()
+    assert res["complete"] and res["roofline"] is not None and res["layers"] == []
+    assert len(res["job_errors"]) == len(smoke_layers()) and res["jobs_done"] == res["jobs_total"]
+    assert "out of memory building the inputs" in report.markdown(res)
+
+
 def test_nchw_and_train_fwd_in_process(tmp_path):
     plan = _torch_plan(sections=["layers", "memory"], formats=["nchw"], modes=["train-fwd"])
     res = run(plan, CPU, tmp_path, progress=False)

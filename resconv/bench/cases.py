@@ -87,15 +87,16 @@ def grad_names(case: LayerCase, function: str) -> list[str]:
 
 def make_set(case: LayerCase, device: torch.device, gen: torch.Generator) -> LayerSet:
     """Fresh random tensors (never zeros): x and residual ~ N(0, 1), filters scaled so the
-    conv output is O(1), BatchNorm parameters and statistics as a trained network has them."""
+    conv output is O(1), BatchNorm parameters and statistics as a trained network has them.
+    ``gen`` is a generator on ``device`` (drawing on the GPU: up to 64 sets per case)."""
     L, N, dt, fmt = case.layer, case.batch, case.torch_dtype, case.memory_format
 
     def randn(*shape, scale=1.0, dtype=dt):
-        t = torch.randn(*shape, generator=gen, dtype=torch.float32) * scale
-        return t.to(device=device, dtype=dtype)
+        t = torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale
+        return t.to(dtype)
 
     def unif(lo, hi, n):
-        return (torch.rand(n, generator=gen) * (hi - lo) + lo).to(device)
+        return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
 
     x = randn(N, L.C, L.H, L.W).contiguous(memory_format=fmt)
     w = randn(L.K, L.C, L.R, L.S, scale=(2.0 / (L.C * L.R * L.S)) ** 0.5).contiguous(memory_format=fmt)

@@ -179,13 +179,13 @@ def build_model(kind: str, variant: str, state: dict) -> nn.Module:
 
 def make_inputs(case: E2ECase, device: torch.device, n: int, gen: torch.Generator):
     """n batches of random images (run dtype for inference, float32 under autocast for
-    training) in the run's memory format, and class labels."""
+    training) in the run's memory format, and class labels; ``gen`` on ``device``."""
     classes = NUM_CLASSES[case.variant]
     dt = DTYPES[case.dtype] if case.kind == "inference" else torch.float32
     s = case.image_size
-    xs = [torch.randn(case.batch, 3, s, s, generator=gen).to(device, dt).contiguous(memory_format=FORMATS[case.fmt])
-          for _ in range(n)]
-    ys = [torch.randint(0, classes, (case.batch,), generator=gen).to(device) for _ in range(n)]
+    xs = [torch.randn(case.batch, 3, s, s, generator=gen, device=device).to(dt).contiguous(
+          memory_format=FORMATS[case.fmt]) for _ in range(n)]
+    ys = [torch.randint(0, classes, (case.batch,), generator=gen, device=device) for _ in range(n)]
     return xs, ys
 
 

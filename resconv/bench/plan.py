@@ -15,8 +15,9 @@ Presets:
 
 Order: the cases that carry the headline numbers run first, so a time budget cuts the tail:
 roofline; per-layer eval (fused fprop) at the largest batch; end to end (first dtype and
-format); saved-for-backward memory; every other per-layer case (by batch, largest first);
-the remaining end-to-end cases.
+format); saved-for-backward memory; per-layer training modes at the largest batch; eval at
+the other batches; training modes at the other batches; then the other dtypes and memory
+formats (per layer and end to end).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class Plan:
     variants: list = field(default_factory=lambda: ["imagenet", "cifar"])
     layer_filter: Optional[str] = None  # keep layers whose label contains this
     batches: list = field(default_factory=lambda: [256, 32, 1])
-    modes: list = field(default_factory=lambda: list(MODES))
+    # In priority order: under a time budget the forward-only training mode goes last.
+    modes: list = field(default_factory=lambda: ["eval", "train-fwdbwd", "train-bwd", "train-fwd"])
     dtypes: list = field(default_factory=lambda: ["bf16"])
     formats: list = field(default_factory=lambda: ["channels_last"])
     layer_providers: list = field(default_factory=list)
@@ -104,7 +106,10 @@ PRESETS = {
         # hand-offs dominated: one training step 0.4 s on 1 thread, 1.2-3.8 s on 2.
         cpu_threads=1,
     ),
-    "quick": dict(layer_providers=_GPU_LAYER, e2e_providers=_GPU_E2E),
+    # Per-layer timing trimmed to fit ~400 jobs in the GPU script's budget: 5 ms warm-up and
+    # 25 ms of timed calls (at least 10) per provider, after its setup and check.
+    "quick": dict(layer_providers=_GPU_LAYER, e2e_providers=_GPU_E2E,
+                  timer=TimerConfig(warmup_ms=5, rep_ms=25, min_reps=10)),
     "full": dict(
         layer_providers=_GPU_LAYER[:3] + ["compile", "compile-max-autotune"] + _GPU_LAYER[3:],
         e2e_providers=_GPU_E2E + ["compile-max-autotune"], e2e_variants=["imagenet", "cifar"],
@@ -147,10 +152,15 @@ def jobs(plan: Plan) -> list[Job]:
             for fmt in plan.formats:
                 for b in batches:
                     for mode in plan.modes:
-                        headline = (dt, fmt) == first and b == batches[0] and mode == "eval"
+                        if (dt, fmt) != first:
+                            tier = 7
+                        elif b == batches[0]:
+                            tier = 1 if mode == "eval" else 4
+                        else:
+                            tier = 5 if mode == "eval" else 6
                         for lay in layers:
                             case = LayerCase(lay, b, mode, dt, fmt)
-                            out.append(Job("layers", 1 if headline else 4, f"layer {case.label}", case))
+                            out.append(Job("layers", tier, f"layer {case.label}", case))
     if "memory" in plan.sections and first:
         for b in sorted(set(plan.memory_batches), reverse=True):
             for lay in layers:
@@ -163,7 +173,7 @@ def jobs(plan: Plan) -> list[Job]:
     if "e2e" in plan.sections:
         for dt in plan.dtypes:
             for fmt in plan.formats:
-                tier = 2 if (dt, fmt) == first else 5
+                tier = 2 if (dt, fmt) == first else 7
                 for v in plan.e2e_variants:
                     size = plan.e2e_image_size or IMAGE_SIZE[v]
                     inf = [E2ECase(v, "inference", b, dt, fmt, size)

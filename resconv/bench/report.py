@@ -11,7 +11,9 @@ JSON schema ``resconv-bench/1`` (top-level keys):
 * ``memory``: saved-for-backward bytes per layer and per model, per provider.
 * ``e2e``: one row per end-to-end case (``kind`` inference|train, ``batch``, ...,
   ``flops_per_image``, ``providers``).
-* ``skipped``: jobs not run (time budget); ``complete``; ``elapsed_s``.
+* ``job_errors``: jobs lost to an exception outside any provider (building inputs, the
+  reference); ``skipped``: jobs not run (time budget); ``complete``; ``jobs_total``,
+  ``jobs_done``; ``elapsed_s``.
 
 A provider record: ``status`` ok | failed (output check failed: not timed) | error (an
 exception; ``reason`` has it) | unavailable (``reason``) | skipped (time budget);
@@ -212,8 +214,8 @@ def e2e_rows(results: dict) -> tuple[list, list]:
 
 
 def problems(results: dict) -> list[str]:
-    """One line per failed or erroring provider."""
-    out = []
+    """One line per failed or erroring provider, and per job lost to an exception."""
+    out = [f"{e['job']} -- whole job: error: {e['reason']}" for e in results.get("job_errors", [])]
     for section in ("layers", "e2e"):
         for r in results[section]:
             for n, rec in r["providers"].items():
@@ -260,7 +262,13 @@ def markdown(results: dict) -> str:
     title = env.get("gpu") or f"CPU ({env.get('cpu')})"
     md = [f"# resconv benchmark: {title}, {env['date']}", "",
           f"Command: `{env['command']}`", "", _env_table(env), ""]
-    status = "complete" if results["complete"] else f"incomplete: {len(results['skipped'])} jobs not run (time budget)"
+    if results["complete"]:
+        status = "complete"
+    elif results["skipped"]:
+        status = f"incomplete: {len(results['skipped'])} jobs not run (time budget)"
+    else:
+        status = (f"incomplete: stopped from outside after {results.get('jobs_done', '?')} of "
+                  f"{results.get('jobs_total', '?')} jobs (these are its partial results)")
     md += [f"Run {status}, {results['elapsed_s']:.0f} s.", ""]
     if results["roofline"]:
         rl = results["roofline"]

@@ -33,6 +33,7 @@ from .timing import Stopwatch, TimerConfig, measure
 
 SCHEMA = "resconv-bench/1"
 MAX_WORKING_SET = 4 << 30  # bytes of input sets per case, at most
+PARTIAL_WRITE_S = 15.0  # results.json is rewritten at most this often while running
 
 
 @contextlib.contextmanager
@@ -80,12 +81,14 @@ class Runner:
         self.results = dict(
             schema=SCHEMA, env=collect(device), plan=plan.as_dict(),
             tolerances={str(k).replace("torch.", ""): vars(v) for k, v in TOLERANCES.items()},
-            roofline=None, layers=[], memory=[], e2e=[], skipped=[], complete=False, elapsed_s=0.0,
+            roofline=None, layers=[], memory=[], e2e=[], job_errors=[], skipped=[], complete=False, elapsed_s=0.0,
+            jobs_total=0, jobs_done=0,
         )
 
     # ------------------------------------------------------------------ driver
     def run(self) -> dict:
         todo = jobs(self.plan)
+        self.results["jobs_total"] = len(todo)
         t0 = time.monotonic()
         if self.plan.time_budget_s is not None:
             self.deadline = t0 + self.plan.time_budget_s
@@ -95,18 +98,27 @@ class Runner:
                    disable=None if self.progress is None else not self.progress)
         self._log = (lambda s: tqdm.write(s, file=sys.stderr)) if not bar.disable else \
             (lambda s: print(s, file=sys.stderr, flush=True))
+        last_write = time.monotonic()
         with _run_flags(self.device, self.plan.cpu_threads):
             for k, job in enumerate(todo):
                 bar.set_postfix_str(job.label[:60], refresh=False)
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     self.results["skipped"].append(job.label)
                 else:
-                    line = self._run_job(job)
+                    try:
+                        line = self._run_job(job)
+                    except Exception as e:  # outside any provider (inputs, reference): the job is lost, not the run
+                        self.results["job_errors"].append(dict(job=job.label, reason=_message(e)))
+                        line = f"JOB ERROR ({_message(e)})"
+                        self._cleanup()
+                    self.results["jobs_done"] = k + 1
                     self._log(f"[{k + 1}/{len(todo)} {time.monotonic() - t0:.0f}s] {job.label}: {line}")
                 bar.update()
                 self.results["elapsed_s"] = time.monotonic() - t0
-                if self.outdir is not None:
+                # Partial results survive a run killed from outside (a few hundred KB: not every job).
+                if self.outdir is not None and time.monotonic() - last_write > PARTIAL_WRITE_S:
                     report.write_json(self.results, self.outdir / "results.json")
+                    last_write = time.monotonic()
         bar.close()
         if self.results["skipped"]:
             self._log(f"time budget reached: {len(self.results['skipped'])} jobs not run (listed in the results)")
@@ -137,7 +149,8 @@ class Runner:
 
     # ------------------------------------------------------------------ shared
     def _seed(self, label: str) -> torch.Generator:
-        return torch.Generator().manual_seed(zlib.crc32(label.encode()) ^ self.plan.seed)
+        """A generator on the run's device, seeded from the case (reproducible inputs)."""
+        return torch.Generator(device=self.device).manual_seed(zlib.crc32(label.encode()) ^ self.plan.seed)
 
     def _n_sets(self, nbytes: int) -> int:
         """Enough input sets that one cycle through them moves 3x the L2 cache (capped)."""
@@ -159,15 +172,23 @@ class Runner:
         return None
 
     def _cleanup(self) -> None:
+        """Collect reference cycles and return cached device memory. A full collection costs
+        0.1-0.3 s in a process holding torch and its compiler: done after an exception (its
+        traceback holds frames and their tensors) and after each end-to-end job, not after
+        every provider (refcounting frees those)."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def _attempt(self, setup: Callable[[], tuple], n_sets: int, ctx, timer: TimerConfig,
                  track_memory: bool = False) -> dict:
-        """setup() -> (call, check); check() -> CheckResult after the first call. Returns the record."""
+        """setup() -> (call, check); check() -> CheckResult after the first call. Returns the record.
+        ``track_memory``: record the peak device memory of the timed calls (the previous
+        provider's leftovers collected first, so that they do not count)."""
         rec: dict = {}
         call = check = None
+        if track_memory:
+            self._cleanup()
         try:
             with ctx():
                 with Stopwatch(self.device) as sw:
@@ -189,8 +210,11 @@ class Runner:
                     rec["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
         except Exception as e:  # recorded, and the run goes on
             rec.update(status="error", reason=_message(e))
-        finally:
-            del call, check
+            failed = True
+        else:
+            failed = False
+        del call, check
+        if failed:
             self._cleanup()
         return rec
 
@@ -266,7 +290,7 @@ class Runner:
                 row["saved"][name] = dict(status="ok", bytes=b, tensors=cnt)
             except Exception as e:
                 row["saved"][name] = dict(status="error", reason=_message(e))
-            self._cleanup()
+                self._cleanup()
         _memory_ratio(row["saved"])
         return row
 
