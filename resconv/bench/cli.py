@@ -211,7 +211,8 @@ def main(args) -> int:
     results = run(plan, device, outdir, progress=False if args.no_progress else None)
     print(report.terminal(results))
     if outdir is not None:
-        print(f"results: {outdir}/results.json, results.md" +
-              (", layers.png, e2e.png" if not results.get("notes") else f" ({'; '.join(results['notes'])})"))
+        names = [n for n in ("results.json", "results.md", "layers.png", "e2e.png") if (outdir / n).exists()]
+        notes = f" ({'; '.join(results['notes'])})" if results.get("notes") else ""
+        print(f"results in {outdir}: {', '.join(names)}{notes}")
     bad = [p for p in report.problems(results) if " -- resconv-" in p or ": failed:" in p]
     return 1 if bad else 0

@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import functional as RF
 from ..models import resnet18
 from .cases import DTYPES, FORMATS
 from .check import exact_fp32
-from .providers import capture_graphs
+from .providers import backend_unavailable, capture_graphs
 from .roofline import conv_flops
 from .shapes import NUM_CLASSES, resnet18_layers
 
@@ -141,8 +140,7 @@ class E2EProvider:
             if case.kind != "inference":
                 return "CUDA graphs are measured for inference only"
         if self.model.startswith("resconv-"):
-            dt = DTYPES[case.dtype]
-            return RF.available_backends(device, dt)[self.model[len("resconv-"):]]
+            return backend_unavailable(self.model[len("resconv-"):], device, DTYPES[case.dtype])
         return None
 
 

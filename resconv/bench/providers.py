@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import functional as RF
 from .. import reference as R
 from ..nn import ConvBn2d, ConvBnAddReLU2d, ConvBnReLU2d
+from ..ops import BACKENDS
 from .cases import EPS, MODES, MOMENTUM, LayerCase, LayerSet, grad_names
 
 Thunk = Callable[[], torch.Tensor]
@@ -225,13 +225,20 @@ def resconv_module(case: LayerCase, s: LayerSet, backend: str) -> nn.Module:
     return m
 
 
+def backend_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why resconv's backend ``name`` cannot serve ``device``/``dtype`` (None: it can). Only
+    that backend is asked: asking the cuda backend loads (or just-in-time compiles) the
+    extension, which a run of the Triton backend must not wait for."""
+    return BACKENDS[name].unavailable_reason(device, dtype)
+
+
 class ResconvProvider(Provider):
     def __init__(self, backend: str):
         self.backend = backend
         self.name = f"resconv-{backend}"
 
     def _why_not(self, case, device):
-        return RF.available_backends(device, case.torch_dtype)[self.backend]
+        return backend_unavailable(self.backend, device, case.torch_dtype)
 
     def build(self, case, s):
         m = resconv_module(case, s, self.backend)
