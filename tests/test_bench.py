@@ -241,11 +241,14 @@ def test_job_error_loses_the_job_not_the_run(monkeypatch):
     assert "out of memory building the inputs" in report.markdown(res)
 
 
-def test_nchw_and_train_fwd_in_process(tmp_path):
-    plan = _torch_plan(sections=["layers", "memory"], formats=["nchw"], modes=["train-fwd"])
+def test_nchw_train_fwd_and_bwd_in_process(tmp_path):
+    plan = _torch_plan(sections=["layers", "memory"], formats=["nchw"], modes=["train-fwd", "train-bwd"])
     res = run(plan, CPU, tmp_path, progress=False)
-    assert all(r["providers"]["eager"]["status"] == "ok" for r in res["layers"])
+    assert all(p["status"] == "ok" for r in res["layers"] for p in r["providers"].values())
     assert {r["fmt"] for r in res["layers"]} == {"nchw"}
+    assert {r["mode"] for r in res["layers"]} == {"train-fwd", "train-bwd"}
+    bwd = [r for r in res["layers"] if r["mode"] == "train-bwd"]
+    assert all(any(k.startswith("grad:") for k in r["providers"]["resconv-torch"]["check"]["detail"]) for r in bwd)
     md = (tmp_path / "results.md").read_text()
     assert "## Per layer: train-fwd, fp32, nchw, N=2" in md
     # --report re-renders Markdown and charts from the JSON alone.
