@@ -60,24 +60,28 @@ class Provider:
     def prepare(self, case: LayerCase, sets: list[LayerSet]) -> Callable[[int], tuple]:
         """``call(i) -> (out, grads or None)`` for every set index ``i``. Runs in the mode's
         grad context (inference mode for eval); a train-bwd case runs its forwards here."""
-        built = [self.build(case, s) for s in sets]
-        fwds = [b[0] for b in built]
-        wrt = [b[1] for b in built]
-        if case.mode in ("eval", "train-fwd"):
-            return lambda i: (fwds[i](), None)
-        if case.mode == "train-fwdbwd":
+        return mode_call(case, sets, [self.build(case, s) for s in sets])
 
-            def call(i):
-                out = fwds[i]()
-                return out, torch.autograd.grad(out, wrt[i], sets[i].gout)
 
-            return call
-        outs = [f() for f in fwds]  # train-bwd: forward once, backward replayed
+def mode_call(case: LayerCase, sets: list[LayerSet], built: list) -> Callable[[int], tuple]:
+    """The timed call for the case's mode, from each set's (forward thunk, tensors to differentiate)."""
+    fwds = [b[0] for b in built]
+    wrt = [b[1] for b in built]
+    if case.mode in ("eval", "train-fwd"):
+        return lambda i: (fwds[i](), None)
+    if case.mode == "train-fwdbwd":
 
-        def call_bwd(i):
-            return outs[i], torch.autograd.grad(outs[i], wrt[i], sets[i].gout, retain_graph=True)
+        def call(i):
+            out = fwds[i]()
+            return out, torch.autograd.grad(out, wrt[i], sets[i].gout)
 
-        return call_bwd
+        return call
+    outs = [f() for f in fwds]  # train-bwd: forward once, backward replayed
+
+    def call_bwd(i):
+        return outs[i], torch.autograd.grad(outs[i], wrt[i], sets[i].gout, retain_graph=True)
+
+    return call_bwd
 
 
 def _leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
@@ -190,9 +194,9 @@ class CompileProvider(Provider):
         # their saved buffers; the suite does not time the compiled backward alone.
         self.modes = ("eval", "train-fwd", "train-fwdbwd")
         self.min_budget_s = 20.0 if mode == "default" else 90.0
-        self._fn = None
 
-    def prepare(self, case, sets):
+    def compiled(self, case: LayerCase):
+        """A fresh compiled ``f(x, w, gamma, beta, rmean, rvar, res)`` for the case's layer."""
         import torch._dynamo as dynamo
 
         dynamo.reset()  # each case compiles afresh: no cache limit reached across cases
@@ -202,14 +206,17 @@ class CompileProvider(Provider):
             return fused_functional(x, w, gamma, beta, rmean, rvar, res, stride=L.stride, padding=L.padding,
                                     training=case.train, relu=L.relu)
 
-        self._fn = torch.compile(f, fullgraph=True, dynamic=False, mode=None if self.mode == "default" else self.mode)
-        try:
-            return super().prepare(case, sets)
-        finally:
-            self._fn = None
+        return torch.compile(f, fullgraph=True, dynamic=False, mode=None if self.mode == "default" else self.mode)
+
+    def prepare(self, case, sets):
+        fn = self.compiled(case)
+        return mode_call(case, sets, [self._bind(fn, case, s) for s in sets])
 
     def build(self, case, s):
-        fn = self._fn
+        return self._bind(self.compiled(case), case, s)
+
+    @staticmethod
+    def _bind(fn, case, s):
         w, g, b = _leaf(s.w, case.train), _leaf(s.gamma, case.train), _leaf(s.beta, case.train)
         rm, rv = s.rmean.clone(), s.rvar.clone()
         return (lambda: fn(s.x, w, g, b, rm, rv, s.res)), _wrt(case, s, w, g, b)

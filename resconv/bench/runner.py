@@ -174,8 +174,9 @@ class Runner:
     def _cleanup(self) -> None:
         """Collect reference cycles and return cached device memory. A full collection costs
         0.1-0.3 s in a process holding torch and its compiler: done after an exception (its
-        traceback holds frames and their tensors) and after each end-to-end job, not after
-        every provider (refcounting frees those)."""
+        traceback holds frames and their tensors) and before each end-to-end measurement (so
+        that the previous model's leftovers do not count in its peak memory), not after each
+        of the thousands of per-layer attempts (refcounting frees those)."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
