@@ -12,6 +12,10 @@ import torch
 # is fixed for the life of the process: read it once, here.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Test aid: RESCONV_POISON=1 fills every buffer a kernel is to write with NaN first, so an
+# element the kernel fails to write shows up in any comparison.
+POISON = os.environ.get("RESCONV_POISON", "0") == "1"
+
 TORCH_TO_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -40,6 +44,14 @@ def nkl_strides(t: torch.Tensor) -> tuple[int, int, int]:
         assert t.stride(2) == t.stride(3) * q, "P and Q are not mergeable"
     s_l = t.stride(3) if q > 1 else (t.stride(2) if p > 1 else 1)
     return t.stride(0), t.stride(1), s_l
+
+
+def new_empty(shape, dtype: torch.dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """torch.empty for kernel outputs (NaN-filled under RESCONV_POISON=1)."""
+    t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    if POISON:
+        t.fill_(float("nan"))
+    return t
 
 
 def dense_like(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
