@@ -55,6 +55,7 @@ def _gpu_configs():
         (64, 64, 32, 4, 5),
         (64, 32, 32, 4, 4),
         (64, 16, 32, 2, 4),
+        (64, 16, 16, 4, 4),  # few channels per group (depthwise)
     ]:
         cfgs.append(
             triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
@@ -62,13 +63,24 @@ def _gpu_configs():
     return cfgs
 
 
+def tile_fits(cfg, rows: str, cols: str) -> bool:
+    """A tile that is more than loaded — formed by the fp32 prologue (a few live copies) or
+    gathered with per-element 2-D offsets and masks (flat modes) — must keep at most 32
+    elements per thread in registers, or the kernel spills (seen in sm_80/sm_90 compiles of
+    128x64 tiles on 4 warps; tests/triton_aot_check.py)."""
+    return cfg.kwargs[rows] * cfg.kwargs[cols] <= 32 * 32 * cfg.num_warps
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far wider than the problem (few channels per group): they only waste work."""
+    """Drop tiles far wider than the problem (few channels per group): they only waste work;
+    and dy tiles that would not fit in registers (prologue, flat gather)."""
     cg, kg = named_args["Cg"], named_args["Kg"]
     red = kg * named_args["max_taps"] if kwargs.get("FLAT_K") else kg
     max_bn = max(16, triton.next_power_of_2(cg))
     max_bk = max(16, triton.next_power_of_2(red))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max_bn and c.kwargs["BLOCK_K"] <= max_bk]
+    heavy_a = kwargs.get("PROLOGUE", False) or kwargs.get("FLAT_K", False)
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max_bn and c.kwargs["BLOCK_K"] <= max_bk
+            and (not heavy_a or tile_fits(c, "BLOCK_M", "BLOCK_K"))]
     return kept or configs[-1:]
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, check_device, new_empty
-from .conv_dgrad import load_dy_tile
+from .conv_dgrad import load_dy_tile, tile_fits
 
 _INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 # Each split's chunk of N*P*Q is a multiple of every configuration's BLOCK_K.
@@ -46,6 +46,7 @@ def _gpu_configs():
         (32, 64, 64, 4, 4),
         (32, 32, 64, 2, 4),
         (16, 32, 128, 2, 3),
+        (16, 16, 64, 2, 4),  # few channels per group (depthwise)
     ]:
         cfgs.append(
             triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
@@ -54,12 +55,15 @@ def _gpu_configs():
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (few channels per group): they only waste work."""
+    """Drop tiles far larger than the problem (few channels per group): they only waste work;
+    and tiles that would not fit in registers (prologue dy tile, flat x gather)."""
     kg, cg = named_args["Kg"], named_args["Cg"]
     cols = cg * named_args["R"] * named_args["S"] if kwargs.get("FLAT_N") else cg
     max_bm = max(16, triton.next_power_of_2(kg))
     max_bn = max(16, triton.next_power_of_2(cols))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_bm and c.kwargs["BLOCK_N"] <= max_bn]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_bm and c.kwargs["BLOCK_N"] <= max_bn
+            and (not kwargs.get("PROLOGUE", False) or tile_fits(c, "BLOCK_M", "BLOCK_K"))
+            and (not kwargs.get("FLAT_N", False) or tile_fits(c, "BLOCK_K", "BLOCK_N"))]
     return kept or configs[-1:]
 
 
