@@ -404,6 +404,54 @@ def test_fprop_backward_matches_torch_nn(eval_bn):
         assert_close(o, r_, "float32", what)
 
 
+def test_backward_traces_under_torch_compile():
+    """The backward's custom ops have fake implementations: AOT autograd traces the whole
+    training step (fullgraph) and computes the same gradients as eager."""
+    m = rnn.ConvBnAddReLU2d(16, 16, 3, padding=1, device=device()).train()
+    m.backend = "triton"
+    x = rand(2, 16, 6, 5, fmt="nhwc").requires_grad_()
+    r = rand(2, 16, 6, 5).requires_grad_()
+    g = rand(2, 16, 6, 5)
+    params = (x, r, m.weight, m.bn.weight, m.bn.bias)
+    m(x, r).backward(g)
+    eager = [t.grad.clone() for t in params]
+    for t in params:
+        t.grad = None
+    torch.compile(m, backend="aot_eager", fullgraph=True)(x, r).backward(g)
+    for a, b in zip(params, eager):
+        assert torch.equal(a.grad, b)
+
+
+def test_saved_for_backward_no_larger_than_torch_nn():
+    """A ResNet basic block of fused modules saves no more bytes for backward than the
+    torch.nn block (conv-BN-ReLU(inplace)-conv-BN-add-ReLU(inplace)); storages shared
+    between saved tensors count once."""
+    C = 16
+
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(seen.values())
+
+    conv = lambda: nn.Conv2d(C, C, 3, padding=1, bias=False, device=device())  # noqa: E731
+    c1, b1, c2, b2 = conv(), nn.BatchNorm2d(C, device=device()), conv(), nn.BatchNorm2d(C, device=device())
+    relu = nn.ReLU(inplace=True)
+    f1, f2 = (rnn.ConvBnReLU2d(C, C, 3, padding=1, device=device()),
+              rnn.ConvBnAddReLU2d(C, C, 3, padding=1, device=device()))
+    f1.backend = f2.backend = "triton"
+    for fmt in ("nchw", "nhwc"):
+        x = rand(4, C, 8, 8, fmt=fmt).requires_grad_()
+        ours = saved_bytes(lambda: f2(f1(x), x))
+        ref = saved_bytes(lambda: relu(b2(c2(relu(b1(c1(x))))) + x))
+        assert ours <= ref, f"{fmt}: resconv saves {ours} B, torch.nn {ref} B"
+
+
 def test_sync_bn_backward_single_rank():
     """The synchronized-BN autograd Function's backward (fused conv backward path, and the
     fallback for kernel sets without dgrad/wgrad) on a one-rank gloo group == the op's."""

@@ -189,6 +189,7 @@ def _train_backward(ctx, grad_out, _gy, _gmean, _ginvstd, _gvar):
     stride, padding, dilation, groups = ctx.geom
     nx, nw, nb, ngamma, nbeta, nres = ctx.needs_input_grad[:6]
     relu = ctx.relu
+    (grad_out,) = _dense_like_first(out if relu else y, grad_out)  # once, for every pass below
     count = float(y.numel() // y.shape[1]) if y.numel() else 1.0
     # One pass over (grad_out, out, y) for the dBN sums; it also writes g = grad_out * (out > 0)
     # when g is an output (the residual's gradient). The conv-output gradient
