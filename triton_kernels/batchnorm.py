@@ -170,10 +170,12 @@ def _bn_backward_partials_kernel(
     mean_ptr,  # [K] fp32 (HAS_Y)
     psum_ptr,  # [T, K] fp32 partial sum(g)
     psumy_ptr,  # [T, K] fp32 partial sum(g * (y - mean)) (HAS_Y)
+    g_ptr,  # [N, K, L] g itself, written (WRITE_G), strides sg* (those of gout)
     NL, K, L,
     sgn, sgk, sgl, son, sok, sol, syn, syk, syl,
     RELU: tl.constexpr,
     HAS_Y: tl.constexpr,
+    WRITE_G: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -186,10 +188,13 @@ def _bn_backward_partials_kernel(
     n = (offs_r // L).to(tl.int64)
     l = (offs_r % L).to(tl.int64)
     c64 = offs_c.to(tl.int64)
-    g = tl.load(gout_ptr + (n * sgn + l * sgl)[:, None] + (c64 * sgk)[None, :], mask=mask, other=0.0).to(tl.float32)
+    g_off = (n * sgn + l * sgl)[:, None] + (c64 * sgk)[None, :]
+    g = tl.load(gout_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         o = tl.load(out_ptr + (n * son + l * sol)[:, None] + (c64 * sok)[None, :], mask=mask, other=0.0)
         g = tl.where(o > 0, g, 0.0)
+    if WRITE_G:  # the residual's gradient, from the same pass
+        tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=mask)
     tl.store(psum_ptr + pid_r.to(tl.int64) * K + offs_c, tl.sum(g, axis=0), mask=cm)
     if HAS_Y:
         y = tl.load(y_ptr + (n * syn + l * syl)[:, None] + (c64 * syk)[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -231,12 +236,15 @@ def bn_backward_reduce(
     mean: Optional[torch.Tensor],
     *,
     relu: bool,
+    g_out: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-channel ``sum(g)`` and ``sum(g * (y - mean))`` with ``g = grad_out * (out > 0)``.
 
     Args:
         grad_out, out, y (Tensor[N, K, P, Q]): NCHW- or NHWC-dense (any mix); ``out`` only
             with ``relu``; ``y``/``mean`` (Tensor[K] fp32) optional (then only sum(g)).
+        g_out (Tensor[N, K, P, Q] or None): if given, g itself is written there in the same
+            pass (it must have grad_out's strides).
     Returns:
         (sum_g: Tensor[K] fp32, sum_gy: Tensor[K] fp32 or None), reduced in a fixed order.
     """
@@ -257,10 +265,12 @@ def bn_backward_reduce(
         return sum_g, sum_gy
     o = out if (relu and out is not None) else grad_out
     yy = y if has_y else grad_out
+    if g_out is not None and (g_out.shape != grad_out.shape or g_out.stride() != grad_out.stride()):
+        raise ValueError("g_out: expected a tensor of grad_out's shape and strides")
     _bn_backward_partials_kernel[(T, triton.cdiv(K, _BLOCK_C))](
-        grad_out, o, yy, mean if has_y else psum, psum, psumy,
+        grad_out, o, yy, mean if has_y else psum, psum, psumy, g_out if g_out is not None else grad_out,
         NL, K, L, *nkl_strides(grad_out), *nkl_strides(o), *nkl_strides(yy),
-        RELU=relu, HAS_Y=has_y, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
+        RELU=relu, HAS_Y=has_y, WRITE_G=g_out is not None, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
     )
     _bn_backward_finalize_kernel[(triton.cdiv(K, _BLOCK_C),)](
         psum, psumy, sum_g, sum_gy if has_y else sum_g, T, K,

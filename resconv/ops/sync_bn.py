@@ -4,13 +4,16 @@ Like torch.nn.SyncBatchNorm, this is a ``torch.autograd.Function`` (collectives 
 through an op schema): each rank reduces its conv tiles to local moments (count, mean, M2),
 all ranks all-gather them and merge with Chan's formula; in backward they all-reduce
 ``sum(g)`` and ``sum(g * (y - mean))``. The kernels are any backend's launchers with the
-``resconv.triton_kernels`` signatures.
+``resconv.triton_kernels`` signatures. Where they include ``conv2d_dgrad``/``conv2d_wgrad``
+the conv backward is theirs, with dReLU/dBN fused into the operand loads (the conv-output
+gradient is never written); otherwise dy is written and ATen's conv backward runs.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from .._conv_args import memory_format_of
 from ._conv_backward import conv2d_backward
 
 
@@ -53,6 +56,7 @@ class SyncConvBnTrain(torch.autograd.Function):
             kernels.update_running_stats_(running_mean, running_var, mean, var_u, momentum)
         out = kernels.scale_shift_act(y, a=a, b=b, residual=residual, relu=relu)
         ctx.geom, ctx.relu, ctx.group, ctx.kernels = geom, relu, process_group, kernels
+        ctx.allow_tf32 = allow_tf32
         ctx.has_bias = bias is not None
         ctx.beta_dtype = bn_bias.dtype if bn_bias is not None else None
         ctx.save_for_backward(x, weight, bn_weight, y, mean, invstd, out if relu else None, counts.sum())
@@ -65,17 +69,36 @@ class SyncConvBnTrain(torch.autograd.Function):
         fmt = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous() \
             else torch.contiguous_format
         grad_out = grad_out.contiguous(memory_format=fmt)
-        sum_g, sum_gy = k.bn_backward_reduce(grad_out, out, y, mean, relu=ctx.relu)
+        nx, nw, nb, ngamma, nbeta, nres = ctx.needs_input_grad[:6]
+        fused = hasattr(k, "conv2d_dgrad") and hasattr(k, "conv2d_wgrad")
+        want_g = fused and nres and ctx.relu  # g = grad_out * (out > 0), the residual's gradient
+        g = torch.empty_like(grad_out) if want_g else None
+        if want_g:
+            sum_g, sum_gy = k.bn_backward_reduce(grad_out, out, y, mean, relu=ctx.relu, g_out=g)
+        else:
+            sum_g, sum_gy = k.bn_backward_reduce(grad_out, out, y, mean, relu=ctx.relu)
         packed = torch.cat([sum_g, sum_gy])
         dist.all_reduce(packed, group=ctx.group)
         K = sum_g.shape[0]
         sum_g, sum_gy = packed[:K], packed[K:]
         a, b, c = _coefficients(sum_g, sum_gy, invstd, bn_weight, count.clamp_min(1.0))
-        nx, nw, nb, ngamma, nbeta, nres = ctx.needs_input_grad[:6]
-        dy, g_res = k.bn_backward_dy(grad_out, out, y, a=a, b=b, c=c, mean=mean, relu=ctx.relu,
-                                     want_grad_residual=nres, dy_dtype=x.dtype)
-        gx, gw, gb = conv2d_backward(dy, x, weight, geom.stride, geom.padding, geom.dilation, geom.groups,
-                                     nx, nw, nb and ctx.has_bias)
+        conv = dict(stride=geom.stride, padding=geom.padding, dilation=geom.dilation, groups=geom.groups)
+        if fused:
+            src, mask = (g, None) if want_g else (grad_out, out if ctx.relu else None)
+            pro = dict(relu_out=mask, y=y, a=a, b=b, c=c, mean=mean, allow_tf32=ctx.allow_tf32)
+            gx = gw = gb = None
+            if nx:
+                gx = k.conv2d_dgrad(src, weight, input_shape=tuple(x.shape), out_memory_format=memory_format_of(x),
+                                    **conv, **pro)
+            if nw or (nb and ctx.has_bias):
+                gw, gb = k.conv2d_wgrad(src, x, weight_shape=tuple(weight.shape), need_bias=nb and ctx.has_bias,
+                                        weight_memory_format=memory_format_of(weight), **conv, **pro)
+            g_res = (g if ctx.relu else grad_out) if nres else None
+        else:
+            dy, g_res = k.bn_backward_dy(grad_out, out, y, a=a, b=b, c=c, mean=mean, relu=ctx.relu,
+                                         want_grad_residual=nres, dy_dtype=x.dtype)
+            gx, gw, gb = conv2d_backward(dy, x, weight, geom.stride, geom.padding, geom.dilation, geom.groups,
+                                         nx, nw, nb and ctx.has_bias)
         g_gamma = (sum_gy * invstd).to(bn_weight.dtype) if ngamma else None
         g_beta = sum_g.to(ctx.beta_dtype) if nbeta else None
-        return (gx, gw, gb, g_gamma, g_beta, g_res if nres else None) + (None,) * 10
+        return (gx, gw if nw else None, gb, g_gamma, g_beta, g_res if nres else None) + (None,) * 10

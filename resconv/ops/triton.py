@@ -11,6 +11,9 @@ Ops (all in the ``resconv`` namespace):
 * ``triton_bn_update_running_stats_``: in-place running-statistics update (mutation in the schema).
 * ``triton_bn_backward_reduce`` / ``triton_bn_backward_dy``: the dReLU/dBN kernels the
   backward formulas call (custom ops so that torch.compile can trace the backward).
+
+The conv part of every backward is resconv's Triton dgrad/wgrad (``resconv.ops.triton_conv_backward``),
+with dReLU and dBN fused into their operand loads: the conv-output gradient is never written.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 from torch.library import custom_op
 
 from .._conv_args import memory_format_of
-from ._conv_backward import conv2d_backward
+from ._conv_backward import DyPrologue, conv2d_backward
 
 Tensor = torch.Tensor
 
@@ -87,21 +90,28 @@ def _fprop_backward(ctx, grad_out):
     stride, padding, dilation, groups = ctx.geom
     nx, nw, nscale, nshift, nres = ctx.needs_input_grad[:5]
     relu = ctx.relu
+    if relu:
+        (grad_out,) = _dense_like_first(out, grad_out)
     y = None
     if nscale:  # d(scale) = sum(g * conv(x, W)): recompute the raw conv rather than keep it
         y = conv2d_fprop(x, weight, None, None, None, stride, padding, dilation, groups, False, ctx.allow_tf32)
-    sum_g = sum_gy = None
+    # g = grad_out * (out > 0) is written only where it is an output (the residual's
+    # gradient); otherwise the conv kernels apply the ReLU mask while loading grad_out.
+    want_g = nres and relu
+    sum_g = sum_gy = g = None
     if nshift or nscale:
-        sum_g, sum_gy = bn_backward_reduce(grad_out, out, y, None, relu)
-    if relu or scale is not None:
+        sum_g, sum_gy, g = bn_backward_reduce(grad_out, out, y, None, relu, want_g)
+    elif want_g:
+        ones = torch.ones(grad_out.shape[1], dtype=torch.float32, device=grad_out.device)
+        g, _ = bn_backward_dy(grad_out, out, None, ones, None, None, None, True, False, grad_out.dtype)
+    src, mask = (g, None) if want_g else (grad_out, out if relu else None)
+    prologue = None
+    if scale is not None or mask is not None:  # dy = scale * g, formed in the kernels' prologue
         a = scale.float() if scale is not None else torch.ones(grad_out.shape[1], device=grad_out.device)
-        # Without a scale, g (the residual's gradient) and dy coincide: write one tensor.
-        dy, g = bn_backward_dy(grad_out, out, None, a, None, None, None, relu, nres and scale is not None, x.dtype)
-        g_res = (g if scale is not None else dy) if nres else None
-    else:  # no ReLU, no scale: the gradient passes through unchanged
-        dy = grad_out
-        g_res = grad_out if nres else None
-    gx, gw, _ = conv2d_backward(dy, x, weight, stride, padding, dilation, groups, nx, nw, False)
+        prologue = DyPrologue(a, mask)
+    gx, gw, _ = conv2d_backward(src, x, weight, stride, padding, dilation, groups, nx, nw, False,
+                                impl="triton", allow_tf32=ctx.allow_tf32, prologue=prologue)
+    g_res = (g if relu else grad_out) if nres else None
     if g_res is not None and g_res.dtype != x.dtype:
         g_res = g_res.to(x.dtype)
     g_scale = sum_gy.to(scale.dtype) if nscale else None
@@ -155,6 +165,7 @@ def _train_setup(ctx, inputs, output):
     out, y, mean, invstd, _ = output
     ctx.geom = (tuple(stride), tuple(padding), tuple(dilation), groups)
     ctx.relu = relu
+    ctx.allow_tf32 = allow_tf32
     ctx.dtypes = (
         None if bias is None else bias.dtype,
         None if bn_weight is None else bn_weight.dtype,
@@ -177,17 +188,25 @@ def _train_backward(ctx, grad_out, _gy, _gmean, _ginvstd, _gvar):
     x, weight, bn_weight, y, mean, invstd, out = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geom
     nx, nw, nb, ngamma, nbeta, nres = ctx.needs_input_grad[:6]
+    relu = ctx.relu
+    (grad_out,) = _dense_like_first(out if relu else y, grad_out)  # once, for every pass below
     count = float(y.numel() // y.shape[1]) if y.numel() else 1.0
-    sum_g, sum_gy = bn_backward_reduce(grad_out, out, y, mean, ctx.relu)
+    # One pass over (grad_out, out, y) for the dBN sums; it also writes g = grad_out * (out > 0)
+    # when g is an output (the residual's gradient). The conv-output gradient
+    # dy = a*g + b*(y - mean) + c is never written: dgrad and wgrad form it while loading.
+    want_g = nres and relu
+    sum_g, sum_gy, g = bn_backward_reduce(grad_out, out, y, mean, relu, want_g)
     a, b, c = bn_input_grad_coefficients(sum_g, sum_gy, invstd, bn_weight, count)
-    dy, g_res = bn_backward_dy(grad_out, out, y, a, b, c, mean, ctx.relu, nres, x.dtype)
-    gx, gw, gb = conv2d_backward(dy, x, weight, stride, padding, dilation, groups, nx, nw, nb)
+    src, mask = (g, None) if want_g else (grad_out, out if relu else None)
+    gx, gw, gb = conv2d_backward(src, x, weight, stride, padding, dilation, groups, nx, nw, nb,
+                                 impl="triton", allow_tf32=ctx.allow_tf32, prologue=DyPrologue(a, mask, y, b, c, mean))
     bias_dt, gamma_dt, beta_dt = ctx.dtypes
     g_gamma = (sum_gy * invstd).to(gamma_dt) if ngamma else None
     g_beta = sum_g.to(beta_dt) if nbeta else None
     if gb is not None:
         gb = gb.to(bias_dt)
-    return gx, gw, gb, g_gamma, g_beta, (g_res if nres else None), None, None, None, None, None, None, None
+    g_res = (g if relu else grad_out) if nres else None
+    return gx, gw, gb, g_gamma, g_beta, g_res, None, None, None, None, None, None, None
 
 
 conv2d_bn_train.register_autograd(_train_backward, setup_context=_train_setup)
@@ -240,21 +259,29 @@ add_relu.register_autograd(_add_backward, setup_context=_add_setup)
 # --------------------------------------------------------------------------------------
 @custom_op("resconv::triton_bn_backward_reduce", mutates_args=())
 def bn_backward_reduce(
-    grad_out: Tensor, out: Optional[Tensor], y: Optional[Tensor], mean: Optional[Tensor], relu: bool
-) -> tuple[Tensor, Tensor]:
-    """(sum(g), sum(g * (y - mean))) per channel, g = grad_out * (out > 0); the second is
-    zeros when y is None; mean None means 0."""
+    grad_out: Tensor, out: Optional[Tensor], y: Optional[Tensor], mean: Optional[Tensor], relu: bool, want_g: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(sum(g), sum(g * (y - mean)), g) per channel, g = grad_out * (out > 0); the second is
+    zeros when y is None; mean None means 0; g itself is written (in out's layout) only with
+    ``want_g``, else an empty tensor."""
     grad_out, out, y = _dense_like_first(out if relu else y, grad_out, out, y)
     if y is not None and mean is None:
         mean = torch.zeros(grad_out.shape[1], dtype=torch.float32, device=grad_out.device)
-    sum_g, sum_gy = _tk().bn_backward_reduce(grad_out, out, y, mean, relu=relu)
-    return sum_g, (sum_gy if sum_gy is not None else torch.zeros_like(sum_g))
+    g = torch.empty_like(grad_out) if want_g else None
+    sum_g, sum_gy = _tk().bn_backward_reduce(grad_out, out, y, mean, relu=relu, g_out=g)
+    return sum_g, (sum_gy if sum_gy is not None else torch.zeros_like(sum_g)), (g if want_g else grad_out.new_empty((0,)))
 
 
 @bn_backward_reduce.register_fake
-def _(grad_out, out, y, mean, relu):
+def _(grad_out, out, y, mean, relu, want_g):
     k = grad_out.shape[1]
-    return grad_out.new_empty((k,), dtype=torch.float32), grad_out.new_empty((k,), dtype=torch.float32)
+    like = out if relu else (y if y is not None else grad_out)
+    g = (
+        torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device, memory_format=memory_format_of(like))
+        if want_g
+        else grad_out.new_empty((0,))
+    )
+    return grad_out.new_empty((k,), dtype=torch.float32), grad_out.new_empty((k,), dtype=torch.float32), g
 
 
 @custom_op("resconv::triton_bn_backward_dy", mutates_args=())

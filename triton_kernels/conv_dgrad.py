@@ -1,0 +1,377 @@
+"""Implicit-GEMM conv2d input gradient (dgrad), with an optional fused dReLU/dBN prologue.
+
+    dx[n, c, h, w] = sum_{k, r, s} dy[n, k, p, q] * W[k, c, r, s],
+    h + pad_top = p * stride_h + r * dil_h,   w + pad_left = q * stride_w + s * dil_w.
+
+GEMM view (per group): M = N*H*W rows (input pixels), N_gemm = C/groups columns,
+K_gemm = (K/groups) * taps. The dy tile is gathered on the fly; nothing is zero-inserted.
+
+Strides > 1: an input row h only receives taps r with ``r*dil_h = (h + pad_top) mod stride_h``.
+The rows are therefore split by phase ``a = (h + pad_top) mod stride_h`` (columns alike); one
+grid axis runs over the stride_h * stride_w phases and each program visits only the taps of
+its phase (the same remapping as CUTLASS's strided dgrad, extended to dilation): with
+``g = gcd(dil_h, stride_h)`` the phase has taps only if g divides a, namely
+``r = r0 + j * (stride_h / g)``, and tap j of row ``h = h0 + i * stride_h`` reads output row
+``p = i + p_base - j * (dil_h / g)``. Stride 1 is the single phase with every tap. The phase
+parameters are computed in the kernel from a few scalars (no host-to-device table, so
+launches stay CUDA-graph capturable).
+
+Prologue (fused dReLU + dBN): instead of a materialised dy, the kernel may read the incoming
+gradient ``g`` and form, per loaded element and in fp32,
+
+    dy = a[k] * where(out > 0, g, 0) + b[k] * (y - mean[k]) + c[k]
+
+(the ReLU mask and the y terms optional), rounded to the filters' dtype before the product,
+which is what an unfused dy tensor would have held.
+"""
+from __future__ import annotations
+
+from math import gcd
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_device, new_empty
+
+# Under the interpreter one small fixed configuration (valid on a GPU too: tl.dot dims >= 16,
+# powers of two); on the GPU the autotuner picks per shape.
+_INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+
+
+def _gpu_configs():
+    cfgs = []
+    for bm, bn, bk, warps, stages in [
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (128, 128, 32, 8, 3),  # 8 warps: room for the fp32 prologue math
+        (128, 64, 64, 4, 4),
+        (128, 64, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 4, 5),
+        (64, 32, 32, 4, 4),
+        (64, 16, 32, 2, 4),
+        (64, 16, 16, 4, 4),  # few channels per group (depthwise)
+    ]:
+        cfgs.append(
+            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
+        )
+    return cfgs
+
+
+def tile_fits(cfg, rows: str, cols: str) -> bool:
+    """A tile that is more than loaded — formed by the fp32 prologue (a few live copies) or
+    gathered with per-element 2-D offsets and masks (flat modes) — must keep at most 32
+    elements per thread in registers, or the kernel spills (seen in sm_80/sm_90 compiles of
+    128x64 tiles on 4 warps; tests/triton_aot_check.py)."""
+    return cfg.kwargs[rows] * cfg.kwargs[cols] <= 32 * 32 * cfg.num_warps
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles far wider than the problem (few channels per group): they only waste work;
+    and dy tiles that would not fit in registers (prologue, flat gather)."""
+    cg, kg = named_args["Cg"], named_args["Kg"]
+    red = kg * named_args["max_taps"] if kwargs.get("FLAT_K") else kg
+    max_bn = max(16, triton.next_power_of_2(cg))
+    max_bk = max(16, triton.next_power_of_2(red))
+    heavy_a = kwargs.get("PROLOGUE", False) or kwargs.get("FLAT_K", False)
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max_bn and c.kwargs["BLOCK_K"] <= max_bk
+            and (not heavy_a or tile_fits(c, "BLOCK_M", "BLOCK_K"))]
+    return kept or configs[-1:]
+
+
+@triton.jit
+def _bcast_k(v, K_AXIS: tl.constexpr):
+    if K_AXIS == 0:
+        out = v[:, None]
+    else:
+        out = v[None, :]
+    return out
+
+
+@triton.jit
+def load_dy_tile(
+    dy_ptr, mo_ptr, y_ptr, a_ptr, b_ptr, c_ptr, mean_ptr,
+    off, mask, k_glob, k_mask,
+    PROLOGUE: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_Y: tl.constexpr,
+    K_AXIS: tl.constexpr,  # the tile axis that runs over output channels k
+):
+    """One operand tile of dy: loaded as is, or formed by the dReLU/dBN prologue (fp32)."""
+    v = tl.load(dy_ptr + off, mask=mask, other=0.0)
+    if PROLOGUE:
+        v = v.to(tl.float32)
+        if RELU:
+            o = tl.load(mo_ptr + off, mask=mask, other=0.0)
+            v = tl.where(o > 0, v, 0.0)
+        v = v * _bcast_k(tl.load(a_ptr + k_glob, mask=k_mask, other=0.0), K_AXIS)
+        if HAS_Y:
+            yv = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            mu = _bcast_k(tl.load(mean_ptr + k_glob, mask=k_mask, other=0.0), K_AXIS)
+            bv = _bcast_k(tl.load(b_ptr + k_glob, mask=k_mask, other=0.0), K_AXIS)
+            cv = _bcast_k(tl.load(c_ptr + k_glob, mask=k_mask, other=0.0), K_AXIS)
+            # Out-of-range taps (padding) contribute nothing, not c[k].
+            v = tl.where(mask, v + bv * (yv - mu) + cv, 0.0)
+    return v
+
+
+@triton.jit
+def _phase(a, size, pad, stride, dil, taps, g, tap_step, inv):
+    """Phase a of one spatial axis (see the module docstring): (first input position, count,
+    first tap, number of taps, output-position base)."""
+    h0 = (a - pad % stride + stride) % stride
+    count = (size - h0 + stride - 1) // stride  # size - h0 > -stride: never negative
+    has = (a % g) == 0
+    r0 = ((a // g) * inv) % tap_step
+    n_taps = tl.where(has & (r0 < taps), (taps - r0 + tap_step - 1) // tap_step, 0)
+    base = (h0 + pad - r0 * dil) // stride  # exact when n_taps > 0 (r0*dil = h0 + pad mod stride)
+    return h0, count, r0, n_taps, base
+
+
+@triton.jit
+def _conv2d_dgrad_kernel(
+    dy_ptr,  # [N, K, P, Q] gradient at the conv output (PROLOGUE: the incoming gradient), strides sd*
+    mo_ptr,  # [N, K, P, Q] forward output; its sign is the ReLU mask (RELU), strides sd*
+    y_ptr,  # [N, K, P, Q] BatchNorm input (HAS_Y), strides sd*
+    a_ptr, b_ptr, c_ptr, mean_ptr,  # [K] fp32 prologue coefficients (b, c, mean only with HAS_Y)
+    w_ptr,  # [K, C/groups, R, S] filters, strides sw*
+    dx_ptr,  # [N, C, H, W] input gradient (written), strides sx*
+    N, H, W, P, Q, Cg, Kg, R, S, M_max, max_taps,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    g_h, g_w, r_step, s_step, inv_h, inv_w, dp, dq,  # see phase_params()
+    sdn, sdk, sdp, sdq,
+    swk, swc, swr, sws,
+    sxn, sxc, sxh, sxw,
+    PROLOGUE: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_Y: tl.constexpr,
+    FLAT_K: tl.constexpr,  # reduce over (tap, k) flattened: for few output channels per group
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "tf32" or "ieee"
+    DOT_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, so multiply exact fp32 copies
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    phase = tl.program_id(2)
+    ph = phase // stride_w
+    pw = phase % stride_w
+    h0, rows_h, r0, n_r, p_base = _phase(ph, H, pad_h, stride_h, dil_h, R, g_h, r_step, inv_h)
+    w0, cols_w, s0, n_s, q_base = _phase(pw, W, pad_w, stride_w, dil_w, S, g_w, s_step, inv_w)
+    M = N * rows_h * cols_w  # this phase's rows; the grid is sized for the largest phase
+
+    # Grouped tile order: GROUP_M row tiles share each column tile's filters in L2.
+    num_pid_m = tl.cdiv(M_max, BLOCK_M)
+    num_pid_n = tl.cdiv(Cg, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    cw = tl.maximum(cols_w, 1)  # an empty phase (M == 0) must not divide by zero
+    rh = tl.maximum(rows_h, 1)
+    j = offs_m % cw
+    t = offs_m // cw
+    i = t % rh
+    n = t // rh
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < Cg
+    c_glob = grp * Cg + offs_n
+
+    # 64-bit row bases: a batch can exceed 2^31 elements.
+    dy_row = n.to(tl.int64) * sdn
+    w_col = offs_n.to(tl.int64) * swc  # the filters hold in-group channels
+    offs_k = tl.arange(0, BLOCK_K)
+    op_ty = w_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        KT = n_r * n_s * Kg
+        for k0 in range(0, KT, BLOCK_K):
+            kk = k0 + offs_k
+            k_mask = kk < KT
+            kc = kk % Kg
+            tap = kk // Kg
+            jr = tap // n_s  # KT > 0 here, so n_s > 0
+            js = tap % n_s
+            p = i[:, None] + (p_base - jr * dp)[None, :]
+            q = j[:, None] + (q_base - js * dq)[None, :]
+            k_glob = grp * Kg + kc
+            a_mask = (m_mask[:, None] & k_mask[None, :]) & ((p >= 0) & (p < P) & (q >= 0) & (q < Q))
+            a_off = dy_row[:, None] + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq + (k_glob.to(tl.int64) * sdk)[None, :]
+            a = load_dy_tile(dy_ptr, mo_ptr, y_ptr, a_ptr, b_ptr, c_ptr, mean_ptr, a_off, a_mask, k_glob, k_mask,
+                             PROLOGUE, RELU, HAS_Y, 1).to(op_ty)
+            r = r0 + jr * r_step
+            s = s0 + js * s_step
+            b_off = (k_glob.to(tl.int64) * swk + r * swr + s * sws)[:, None] + w_col[None, :]
+            b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        # One tap of this phase and one chunk of output channels per step: 1-D row masks,
+        # loads contiguous along K (NHWC). A single flat loop lets Triton pipeline it.
+        n_kb = tl.cdiv(Kg, BLOCK_K)
+        for it in range(0, n_r * n_s * n_kb):
+            kb = it % n_kb
+            tap = it // n_kb
+            jr = tap // n_s
+            js = tap % n_s
+            p = i + (p_base - jr * dp)
+            q = j + (q_base - js * dq)
+            row_mask = m_mask & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
+            row_off = dy_row + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq
+            kc = kb * BLOCK_K + offs_k
+            k_mask = kc < Kg
+            k_glob = grp * Kg + kc
+            a_off = row_off[:, None] + (k_glob.to(tl.int64) * sdk)[None, :]
+            a_mask = row_mask[:, None] & k_mask[None, :]
+            a = load_dy_tile(dy_ptr, mo_ptr, y_ptr, a_ptr, b_ptr, c_ptr, mean_ptr, a_off, a_mask, k_glob, k_mask,
+                             PROLOGUE, RELU, HAS_Y, 1).to(op_ty)
+            r = r0 + jr * r_step
+            s = s0 + js * s_step
+            b_off = (k_glob.to(tl.int64) * swk)[:, None] + w_col[None, :] + (r * swr + s * sws)
+            b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    h = h0 + i * stride_h
+    w = w0 + j * stride_w
+    x_off = (n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None] + (c_glob.to(tl.int64) * sxc)[None, :]
+    tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+_conv2d_dgrad_autotuned = triton.autotune(
+    configs=_gpu_configs(),
+    key=["M_max", "Cg", "Kg", "max_taps", "P", "Q", "stride_h", "stride_w", "FLAT_K", "PROLOGUE", "RELU", "HAS_Y"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_conv2d_dgrad_kernel)
+
+
+def phase_params(stride: int, dil: int) -> tuple[int, int, int, int]:
+    """(g, tap_step, inv, out_step) of one axis: ``g = gcd(dil, stride)``; a phase's taps are
+    ``tap_step = stride/g`` apart and its output positions ``out_step = dil/g`` apart; ``inv``
+    is the inverse of dil/g modulo tap_step, so the first tap of phase a is
+    ``(a/g) * inv mod tap_step``."""
+    g = gcd(dil, stride)
+    tap_step, out_step = stride // g, dil // g
+    inv = pow(out_step, -1, tap_step) if tap_step > 1 else 0
+    return g, tap_step, inv, out_step
+
+
+def use_flat_k(kg: int) -> bool:
+    """Flatten (tap, k) into one reduction index when output channels per group are too few
+    to fill a 16-wide reduction tile (depthwise convs, tiny heads)."""
+    return kg < 16
+
+
+def conv2d_dgrad(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    input_shape: tuple[int, int, int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    relu_out: Optional[torch.Tensor] = None,
+    y: Optional[torch.Tensor] = None,
+    a: Optional[torch.Tensor] = None,
+    b: Optional[torch.Tensor] = None,
+    c: Optional[torch.Tensor] = None,
+    mean: Optional[torch.Tensor] = None,
+    allow_tf32: bool = False,
+    out_memory_format: torch.memory_format = torch.channels_last,
+) -> torch.Tensor:
+    """Launch the dgrad kernel: the gradient of ``conv2d(x, weight)`` with respect to x.
+
+    Args:
+        dy (Tensor[N, K, P, Q]): the gradient at the conv output; with ``a`` given, the
+            incoming gradient g of the prologue ``dy = a*where(relu_out > 0, g, 0) + b*(y - mean) + c``.
+            Any float dtype; read through its strides.
+        weight (Tensor[K, C/groups, R, S]): fp16/bf16/fp32; its dtype is the operands' and dx's.
+        input_shape: (N, C, H, W) of x; stride, padding (top, bottom, left, right), dilation,
+            groups: the forward conv's normalised geometry.
+        relu_out (Tensor[N, K, P, Q] or None): forward output whose sign masks g (prologue only).
+        y (Tensor[N, K, P, Q] or None): BatchNorm input, with b, c, mean (prologue only).
+        a, b, c, mean (Tensor[K] fp32 or None): prologue coefficients.
+        allow_tf32: fp32 operands use TF32 tensor-core products (else IEEE fp32).
+        out_memory_format: torch.channels_last or torch.contiguous_format for dx.
+
+    Returns:
+        dx (Tensor[N, C, H, W]) in weight's dtype and ``out_memory_format``.
+    """
+    check_device(dy, "grad_output")
+    N, C, H, W = input_shape
+    K, Cg, R, S = weight.shape
+    Kg = K // groups
+    P, Q = dy.shape[2], dy.shape[3]
+    dx = new_empty(input_shape, weight.dtype, dy.device, out_memory_format)
+    if dx.numel() == 0:
+        return dx
+    weight = weight if weight.is_contiguous(memory_format=torch.channels_last) else weight.contiguous(
+        memory_format=torch.channels_last)
+    prologue = a is not None
+    if prologue:
+        # The prologue tensors are read with dy's strides: make them share one dense layout.
+        fmt = torch.channels_last if dy.is_contiguous(memory_format=torch.channels_last) and not dy.is_contiguous() \
+            else torch.contiguous_format
+        if not dy.is_contiguous(memory_format=fmt):
+            dy = dy.contiguous(memory_format=fmt)
+        relu_out = None if relu_out is None else relu_out.contiguous(memory_format=fmt)
+        y = None if y is None else y.contiguous(memory_format=fmt)
+        f32 = lambda v: None if v is None else v.to(torch.float32).contiguous()  # noqa: E731
+        a, b, c, mean = f32(a), f32(b), f32(c), f32(mean)
+        if y is not None and (b is None or c is None or mean is None):
+            raise ValueError("y: the dBN prologue needs b, c and mean with y")
+    g_h, r_step, inv_h, dp = phase_params(stride[0], dilation[0])
+    g_w, s_step, inv_w, dq = phase_params(stride[1], dilation[1])
+    # The largest phase has ceil(H / stride) rows; the largest tap set ceil(R / tap_step) taps.
+    M_max = N * triton.cdiv(H, stride[0]) * triton.cdiv(W, stride[1])
+    max_taps = triton.cdiv(R, r_step) * triton.cdiv(S, s_step)
+    dummy = dx  # stands in for absent optional pointers (never dereferenced)
+    args = (
+        dy,
+        relu_out if relu_out is not None else dummy,
+        y if y is not None else dummy,
+        a if prologue else dummy,
+        b if b is not None else dummy,
+        c if c is not None else dummy,
+        mean if mean is not None else dummy,
+        weight, dx,
+        N, H, W, P, Q, Cg, Kg, R, S, M_max, max_taps,
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        g_h, g_w, r_step, s_step, inv_h, inv_w, dp, dq,
+        *dy.stride(), *weight.stride(), *dx.stride(),
+    )
+    flags = dict(
+        PROLOGUE=prologue,
+        RELU=prologue and relu_out is not None,
+        HAS_Y=prologue and y is not None,
+        FLAT_K=use_flat_k(Kg),
+        PRECISION="tf32" if (allow_tf32 and weight.dtype == torch.float32) else "ieee",
+        DOT_FP32=INTERPRET and weight.dtype == torch.bfloat16,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(M_max, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups, stride[0] * stride[1])
+
+    if INTERPRET:
+        _conv2d_dgrad_kernel[grid](*args, **flags, **_INTERPRET_CONFIG)
+    else:
+        with torch.cuda.device(dy.device):
+            _conv2d_dgrad_autotuned[grid](*args, **flags)
+    return dx
