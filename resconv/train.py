@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
                    help="resconv backend (auto: cuda/triton on GPU, torch on CPU)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="autocast dtype for the forward/backward (default float32, IEEE)")
-    p.add_argument("--epochs", type=int, default=None, help="default: 4 (digits), 10 (CIFAR-10)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 3 (digits), 10 (CIFAR-10)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--momentum", type=float, default=0.9)
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         dataset, epochs = "cifar10", args.epochs or 10
     else:
         xtr, ytr, xte, yte = load_digits(args.seed)
-        dataset, epochs = "digits", args.epochs or 4
+        dataset, epochs = "digits", args.epochs or 3
     steps_per_epoch = (len(ytr) + args.batch_size - 1) // args.batch_size
     schedule_steps = epochs * steps_per_epoch  # the schedule is the full run's; --max-steps cuts it short
     steps = schedule_steps if args.max_steps is None else min(args.max_steps, schedule_steps)

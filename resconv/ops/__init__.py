@@ -79,6 +79,8 @@ class TritonBackend:
         if device.type == "cuda":
             if interpret:
                 return "TRITON_INTERPRET=1 is set: the Triton kernels run on CPU tensors in this process"
+            if not torch.cuda.is_available():
+                return "no usable CUDA device (torch.cuda.is_available() is False)"
             major, _ = torch.cuda.get_device_capability(device)
             if major < 8:
                 return f"needs a GPU of compute capability 8.0 or newer, got {major}.x"
@@ -86,7 +88,7 @@ class TritonBackend:
         if device.type == "cpu":
             if not interpret:
                 return "needs a CUDA tensor (or TRITON_INTERPRET=1 set before the first call, for the CPU interpreter)"
-            return None
+            return _interpreter_problem()
         return f"device type {device.type!r} is not supported"
 
     def conv2d(self, x, weight, scale, shift, residual, g: ConvGeometry, relu: bool, allow_tf32: bool):
@@ -124,6 +126,28 @@ class TritonBackend:
         from . import triton as ops
 
         return ops.add_relu(x, residual, relu)
+
+
+def _interpreter_problem() -> Optional[str]:
+    """Why Triton's CPU interpreter cannot run our kernels here, or None.
+
+    Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.8's does not.
+    Compiled kernels on a GPU are not affected.
+    """
+    import numpy
+    import triton
+
+    def major_minor(v: str) -> tuple[int, int]:
+        parts = v.split(".")
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+    if major_minor(triton.__version__) < (3, 8) and major_minor(numpy.__version__) >= (2, 4):
+        return (
+            f"Triton {triton.__version__}'s CPU interpreter fails with numpy {numpy.__version__}; "
+            "use numpy<2.4 (or triton>=3.8) to run the Triton kernels on the CPU"
+        )
+    return None
 
 
 def _interpret_mode() -> bool:
