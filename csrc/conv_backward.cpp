@@ -157,7 +157,8 @@ int64_t tile_cols(ConvTile t) { return t == ConvTile::M128N128 ? 128 : 64; }
 Tensor pad_channels(const Tensor& x, int64_t vec) {
   const int64_t C = x.size(1);
   const int64_t Cp = ceil_div(C, vec) * vec;
-  Tensor xp = at::zeros({x.size(0), Cp, x.size(2), x.size(3)}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor xp =
+      at::zeros({x.size(0), Cp, x.size(2), x.size(3)}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   xp.narrow(1, 0, C).copy_(x);
   return xp;
 }
@@ -284,7 +285,8 @@ std::tuple<Tensor, Tensor> conv2d_wgrad(const Tensor& grad, const Tensor& x, con
   const Geometry g =
       backward_geometry(op, x.sizes(), "input", weight_size, "weight_size", stride, padding, dilation, groups);
   check_grad_and_prologue(op, grad, g, relu_out, y, a, b, c, mean);
-  TORCH_CHECK_VALUE(split_k >= 0, op, ": split_k: expected 0 (automatic) or a positive number of splits, got ", split_k);
+  TORCH_CHECK_VALUE(split_k >= 0, op, ": split_k: expected 0 (automatic) or a positive number of splits, got ",
+                    split_k);
   const int64_t NPQ = g.N * g.P * g.Q;
   TORCH_CHECK_VALUE(NPQ < (int64_t(1) << 31) - 256, op, ": grad: N*P*Q = ", NPQ, " output pixels exceed 2^31 - 256");
   check_devices(op, grad, x, "input", relu_out, y, a, b, c, mean);

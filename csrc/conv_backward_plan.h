@@ -75,9 +75,8 @@ RESCONV_HD AxisPhase axis_phase(int a, int size, int pad, int stride, int dil, i
   ph.count = (size - ph.first + stride - 1) / stride;  // size - first > -stride: never negative
   ph.tap0 = static_cast<int>((static_cast<int64_t>(a / pp.g) * pp.inv) % pp.tap_step);
   ph.taps = (a % pp.g == 0 && ph.tap0 < ntaps) ? (ntaps - ph.tap0 + pp.tap_step - 1) / pp.tap_step : 0;
-  ph.base = ph.taps > 0
-                ? static_cast<int>((static_cast<int64_t>(ph.first) + pad - static_cast<int64_t>(ph.tap0) * dil) / stride)
-                : 0;
+  const int64_t num = static_cast<int64_t>(ph.first) + pad - static_cast<int64_t>(ph.tap0) * dil;
+  ph.base = ph.taps > 0 ? static_cast<int>(num / stride) : 0;
   return ph;
 }
 

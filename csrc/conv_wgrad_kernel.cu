@@ -1,7 +1,8 @@
 // Implicit-GEMM conv2d weight gradient (wgrad) and bias gradient, with the fused dReLU/dBN
 // prologue, split-K with a deterministic second pass.
 //
-//   dW[k, c, r, s] = sum_{n, p, q} dy[n, k, p, q] * x[n, c, p*stride_h - pad_top + r*dil_h, q*stride_w - pad_left + s*dil_w]
+//   dW[k, c, r, s] = sum_{n, p, q} dy[n, k, p, q] * x[n, c, h, w],
+//                    h = p*stride_h - pad_top + r*dil_h,  w = q*stride_w - pad_left + s*dil_w
 //   db[k]          = sum_{n, p, q} dy[n, k, p, q]
 //
 // GEMM view per group: rows = Kg output channels, columns = (r, s, c) in K R S C order,
@@ -110,7 +111,7 @@ struct WgradSmem {
 };
 
 template <typename T, int BM, int BN, int WARPS_M, int WARPS_N, bool PRO>
-__global__ void __launch_bounds__(kThreads) conv_wgrad_tc_kernel(const ConvWgradParams p) {
+__global__ void __launch_bounds__(kThreads, 1) conv_wgrad_tc_kernel(const ConvWgradParams p) {
   static_assert(WARPS_M * WARPS_N * 32 == kThreads, "8 warps");
   constexpr int WM = BM / WARPS_M;
   constexpr int WN = BN / WARPS_N;
@@ -343,7 +344,7 @@ __global__ void __launch_bounds__(kThreads) conv_wgrad_tc_kernel(const ConvWgrad
   const int cg_out = static_cast<int>(p.Cg_out);
   store_dw_tile<T, BM, BN>(
       tile, Smem::kLd, p, k0, grp,
-      [&](int col, int& rs_out, int& c) {
+      [=](int col, int& rs_out, int& c) {
         c = c0 + col;
         rs_out = c < cg_out ? rs : -1;
       },
@@ -471,7 +472,7 @@ __global__ void __launch_bounds__(kThreads) conv_wgrad_simt_kernel(const ConvWgr
   const int cg_out = static_cast<int>(p.Cg_out);
   store_dw_tile<T, BM, BN>(
       tile, LD, p, k0, grp,
-      [&](int col, int& rs_out, int& c) {
+      [=](int col, int& rs_out, int& c) {
         const int cc = n0 + col;
         rs_out = cc / Cg;
         c = cc - rs_out * Cg;
