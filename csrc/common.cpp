@@ -1,6 +1,7 @@
 #include "common.h"
 
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 
 namespace resconv {
@@ -13,6 +14,11 @@ bool is_channels_last(const Tensor& t) {
 
 Tensor dense_in(const Tensor& t, at::MemoryFormat fmt) {
   return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
+}
+
+Tensor dense_aligned(const Tensor& t, at::MemoryFormat fmt) {
+  Tensor d = dense_in(t, fmt);
+  return aligned16(d) ? d : d.clone(fmt);
 }
 
 static bool poison_outputs() {
@@ -88,6 +94,19 @@ void check_same_device(const OptTensor& t, const Tensor& ref, const char* op, co
 Tensor as_float_vector(const OptTensor& t) {
   if (!t.has_value() || !t->defined()) return Tensor();
   return t->to(at::kFloat).contiguous();
+}
+
+ForcedKernel forced_conv_kernel(ConvTile& tile) {
+  const char* v = std::getenv("RESCONV_CUDA_CONV_KERNEL");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return ForcedKernel::Auto;
+  if (std::strcmp(v, "simt") == 0) return ForcedKernel::Simt;
+  if (std::strcmp(v, "tc128x128") == 0) tile = ConvTile::M128N128;
+  else if (std::strcmp(v, "tc128x64") == 0) tile = ConvTile::M128N64;
+  else if (std::strcmp(v, "tc64x64") == 0) tile = ConvTile::M64N64;
+  else
+    TORCH_CHECK_VALUE(false, "RESCONV_CUDA_CONV_KERNEL: expected auto, tc128x128, tc128x64, tc64x64 or simt, got '",
+                      v, "'");
+  return ForcedKernel::Tile;
 }
 
 NKLView nkl_view(const Tensor& t) {

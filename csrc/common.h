@@ -59,6 +59,23 @@ Tensor as_float_vector(const OptTensor& t);
 inline const float* float_ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 inline const void* data_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
+// Test aid for the conv kernels (fprop, dgrad, wgrad): RESCONV_CUDA_CONV_KERNEL=
+// tc128x128|tc128x64|tc64x64|simt forces a kernel where the call allows it (the tensor cores
+// never serve float32 without TF32, nor channel counts that are not a multiple of the vector
+// width), so small test shapes reach every kernel. Tile: `tile` is set. Raises ValueError on
+// an unknown value.
+enum class ForcedKernel { Auto, Tile, Simt };
+ForcedKernel forced_conv_kernel(ConvTile& tile);
+
+// Whether t's data (if defined) starts on a 16-byte boundary (cp.async / vector accesses).
+inline bool aligned16(const Tensor& t) {
+  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// Dense in `fmt` with a 16-byte aligned base (cp.async reads 16-byte vectors): t or a copy.
+Tensor dense_aligned(const Tensor& t, at::MemoryFormat fmt);
+inline Tensor channels_last_aligned(const Tensor& t) { return dense_aligned(t, at::MemoryFormat::ChannelsLast); }
+
 // [N, K, P, Q] dense tensor viewed as [N, K, L].
 NKLView nkl_view(const Tensor& t);
 

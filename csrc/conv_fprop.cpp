@@ -8,9 +8,6 @@
 //    a multiple): the SIMT kernel.
 #include "ops.h"
 
-#include <cstdlib>
-#include <cstring>
-
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/cuda/CUDAContextLight.h>
@@ -85,14 +82,6 @@ void check_conv_devices(const char* op, const Tensor& x, const Tensor& weight, c
   check_same_device(residual, x, op, "residual", "input");
 }
 
-bool aligned16(const Tensor& t) { return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
-// Dense channels-last with a 16-byte aligned base (cp.async reads 16-byte vectors).
-Tensor channels_last_aligned(const Tensor& t) {
-  Tensor d = dense_in(t, at::MemoryFormat::ChannelsLast);
-  return aligned16(d) ? d : d.clone(at::MemoryFormat::ChannelsLast);
-}
-
 // x and weight with C zero-padded to a multiple of `vec` channels (groups == 1 only).
 std::pair<Tensor, Tensor> pad_channels(const Tensor& x, const Tensor& weight, int64_t vec) {
   const int64_t C = x.size(1);
@@ -103,23 +92,6 @@ std::pair<Tensor, Tensor> pad_channels(const Tensor& x, const Tensor& weight, in
                         weight.options().memory_format(at::MemoryFormat::ChannelsLast));
   wp.narrow(1, 0, C).copy_(weight);
   return {xp, wp};
-}
-
-// Test aid: RESCONV_CUDA_CONV_KERNEL=tc128x128|tc128x64|tc64x64|simt forces a kernel where the
-// call allows it (the tensor cores never serve float32 without TF32, nor grouped convs whose
-// C/groups is not a multiple of the vector width), so small test shapes reach every kernel.
-enum class Forced { Auto, Tile, Simt };
-Forced forced_kernel(ConvTile& tile) {
-  const char* v = std::getenv("RESCONV_CUDA_CONV_KERNEL");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return Forced::Auto;
-  if (std::strcmp(v, "simt") == 0) return Forced::Simt;
-  if (std::strcmp(v, "tc128x128") == 0) tile = ConvTile::M128N128;
-  else if (std::strcmp(v, "tc128x64") == 0) tile = ConvTile::M128N64;
-  else if (std::strcmp(v, "tc64x64") == 0) tile = ConvTile::M64N64;
-  else
-    TORCH_CHECK_VALUE(false, "RESCONV_CUDA_CONV_KERNEL: expected auto, tc128x128, tc128x64, tc64x64 or simt, got '",
-                      v, "'");
-  return Forced::Tile;
 }
 
 // Widest tile that still gives every SM about two CTAs.
@@ -159,8 +131,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_fprop_impl(
   const bool tensor_cores = !is_f32 || allow_tf32;
   const bool tc_fits = g.Cg % vec == 0;
   ConvTile forced_tile = ConvTile::M64N64;
-  const Forced forced = forced_kernel(forced_tile);
-  const bool use_tc = tensor_cores && (tc_fits || groups == 1) && forced != Forced::Simt;
+  const ForcedKernel forced = forced_conv_kernel(forced_tile);
+  const bool use_tc = tensor_cores && (tc_fits || groups == 1) && forced != ForcedKernel::Simt;
 
   Tensor x, w;
   int64_t C = g.C, Cg = g.Cg;
@@ -221,7 +193,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_fprop_impl(
   const DType dt = to_dtype(x.scalar_type());
   if (use_tc) {
     const ConvTile tile =
-        forced == Forced::Tile ? forced_tile : pick_tile(M, p.Kg, groups, props->multiProcessorCount);
+        forced == ForcedKernel::Tile ? forced_tile : pick_tile(M, p.Kg, groups, props->multiProcessorCount);
     TORCH_CHECK(static_cast<size_t>(conv_fprop_tc_smem_bytes(tile)) <= props->sharedMemPerBlockOptin, op,
                 ": the tensor-core kernel needs ", conv_fprop_tc_smem_bytes(tile),
                 " bytes of shared memory per block, this GPU allows ", props->sharedMemPerBlockOptin);

@@ -65,6 +65,14 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr
                : "r"(smem_addr));
 }
 
+// The same four matrices transposed: register i receives matrix i's (rows 2*(lane%4), +1,
+// column lane/4). Loads mma fragments from tiles stored reduction-major (the wgrad operands).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t smem_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr));
+}
+
 // fp32 bits -> tf32 (round to nearest, ties away), as cuBLAS/cuDNN round TF32 operands.
 __device__ __forceinline__ uint32_t to_tf32(uint32_t bits) {
   uint32_t out;

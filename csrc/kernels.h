@@ -13,6 +13,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "conv_backward_plan.h"
+
 namespace resconv {
 
 enum class DType : int { Half = 0, BFloat16 = 1, Float = 2, Double = 3 };
@@ -56,6 +58,77 @@ void launch_conv_fprop_tc(const ConvFpropParams& p, DType dt, ConvTile tile, cud
 void launch_conv_fprop_simt(const ConvFpropParams& p, DType dt, cudaStream_t stream);
 // Dynamic shared memory (bytes) the tensor-core kernel of `tile` needs (for the launcher's check).
 int conv_fprop_tc_smem_bytes(ConvTile tile);
+
+// ---- conv backward: dgrad and wgrad (conv_dgrad_kernel.cu, conv_wgrad_kernel.cu) ----------
+// The fused dReLU/dBN prologue: the kernels read the incoming gradient g and form, per loaded
+// element in fp32, dy = a[k] * (relu_out > 0 ? g : 0) + b[k] * (y - mean[k]) + c[k], rounded
+// once to the operand dtype (what a materialised dy tensor would hold); positions outside the
+// output (padding taps, rows past the end) contribute 0, not c[k].
+struct DyPrologueArgs {
+  const void* relu_out;  // [N, K, P, Q] with g's dtype and strides, or nullptr (no ReLU mask)
+  const void* y;         // [N, K, P, Q] with g's dtype and strides, or nullptr (no b/c/mean terms)
+  const float* a;        // [K]; nullptr: no prologue, g is dy
+  const float* b;        // [K] (with y)
+  const float* c;        // [K] (with y)
+  const float* mean;     // [K] (with y)
+};
+
+struct ConvDgradParams {
+  const void* dy;       // [N, K, P, Q], strides dy_s* (tensor-core path: channels-last dense, 16-byte aligned)
+  DyPrologueArgs pro;   // relu_out / y share dy's strides
+  const void* w;        // tensor-core path: [groups, R, S, Cg, Kg] dense repack; SIMT: [K, Cg, R, S], strides w_s*
+  void* dx;             // [N, C, H, W], strides dx_s* (written)
+  int64_t N, C, H, W;
+  int64_t K, R, S, P, Q;
+  int64_t Cg, Kg, groups;
+  int64_t M_max;        // rows of the largest stride phase (dgrad_max_phase_rows), < 2^31
+  int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;  // pad_h / pad_w: top / left
+  AxisPhasing ph_h, ph_w;
+  int64_t dy_sn, dy_sk, dy_sp, dy_sq;
+  int64_t w_sk, w_sc, w_sr, w_ss;
+  int64_t dx_sn, dx_sc, dx_sh, dx_sw;
+  bool vec_out;         // dx channels-last dense, 16-byte aligned, Cg a multiple of the vector width
+};
+
+struct ConvWgradParams {
+  const void* dy;       // [N, K, P, Q], strides dy_s* (tensor-core path: channels-last dense, 16-byte aligned)
+  DyPrologueArgs pro;
+  const void* x;        // [N, C, H, W], strides x_s* (tensor-core path: channels-last dense, 16-byte aligned)
+  // split == 1: dW [K, Cg_out, R, S] of the operand dtype, strides gw_s*, and db [K] (or nullptr);
+  // split > 1: fp32 partials [split, K, R, S, Cg_out] and [split, K] (or nullptr).
+  void* gw;
+  void* gb;
+  int64_t N, C, H, W;
+  int64_t K, R, S, P, Q;
+  int64_t Cg, Kg, groups;
+  int64_t Cg_out;       // channels of dW per group: Cg, or fewer when x's channels were zero-padded
+  int64_t NPQ;          // reduction length N*P*Q, < 2^31
+  int64_t chunk;        // rows of N*P*Q per split (wgrad_split)
+  int split;
+  int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t dy_sn, dy_sk, dy_sp, dy_sq;
+  int64_t x_sn, x_sc, x_sh, x_sw;
+  int64_t gw_sk, gw_sc, gw_sr, gw_ss;
+};
+
+// Tensor-core dgrad (mma.sync). Needs Kg*sizeof(T) % 16 == 0. Tiles: BM input pixels of one
+// stride phase x BN input channels.
+void launch_conv_dgrad_tc(const ConvDgradParams& p, DType dt, ConvTile tile, cudaStream_t stream);
+// General dgrad: any Kg/Cg, groups, layout (strides); exact fp32 FMA.
+void launch_conv_dgrad_simt(const ConvDgradParams& p, DType dt, cudaStream_t stream);
+int conv_dgrad_tc_smem_bytes(ConvTile tile, bool prologue);
+
+// Tensor-core wgrad (mma.sync). Needs Kg and Cg multiples of the 16-byte vector width. Tiles:
+// BM output channels x BN input channels of one (r, s) tap; grid.z = split.
+void launch_conv_wgrad_tc(const ConvWgradParams& p, DType dt, ConvTile tile, cudaStream_t stream);
+// General wgrad: any shape and layout; exact fp32 FMA.
+void launch_conv_wgrad_simt(const ConvWgradParams& p, DType dt, cudaStream_t stream);
+int conv_wgrad_tc_smem_bytes(ConvTile tile, DType dt, bool prologue);
+// Second wgrad pass: dW[k, c, r, s] = sum over splits (in order) of partial[sp, k, r, s, c],
+// stored in dt through dW's strides; likewise db[k] from [split, K] when both are given.
+void launch_wgrad_split_reduce(const float* partial_w, const float* partial_b, void* gw, void* gb, DType dt,
+                               int split, int64_t K, int64_t Cg, int64_t R, int64_t S, int64_t gw_sk, int64_t gw_sc,
+                               int64_t gw_sr, int64_t gw_ss, cudaStream_t stream);
 
 // ---- BatchNorm statistics ----------------------------------------------------------------
 // Merge T partials (count[T], mean[T,K], m2[T,K]) with Chan's formula in a fixed order into

@@ -41,6 +41,15 @@ TORCH_LIBRARY(resconv, m) {
   m.def(
       "cuda_bn_backward_dy(Tensor grad_out, Tensor? out, Tensor? y, Tensor a, Tensor? b, Tensor? c, Tensor? mean, "
       "bool relu, bool want_grad_residual, ScalarType dy_dtype) -> (Tensor dy, Tensor grad_residual)");
+  m.def(
+      "cuda_conv2d_dgrad(Tensor grad, Tensor weight, Tensor? relu_out, Tensor? y, Tensor? a, Tensor? b, Tensor? c, "
+      "Tensor? mean, int[4] input_size, int[2] stride, int[4] padding, int[2] dilation, int groups, "
+      "bool channels_last, bool allow_tf32) -> Tensor");
+  m.def(
+      "cuda_conv2d_wgrad(Tensor grad, Tensor x, Tensor? relu_out, Tensor? y, Tensor? a, Tensor? b, Tensor? c, "
+      "Tensor? mean, int[4] weight_size, int[2] stride, int[4] padding, int[2] dilation, int groups, "
+      "bool need_bias, bool weight_channels_last, bool allow_tf32, int split_k=0) -> (Tensor grad_weight, "
+      "Tensor grad_bias)");
 }
 
 namespace {
@@ -54,6 +63,8 @@ void register_kernels(torch::Library& m) {
   m.impl("cuda_add_relu", &resconv::add_relu);
   m.impl("cuda_bn_backward_reduce", &resconv::bn_backward_reduce);
   m.impl("cuda_bn_backward_dy", &resconv::bn_backward_dy);
+  m.impl("cuda_conv2d_dgrad", &resconv::conv2d_dgrad);
+  m.impl("cuda_conv2d_wgrad", &resconv::conv2d_wgrad);
 }
 }  // namespace
 

@@ -59,4 +59,27 @@ std::tuple<Tensor, Tensor> bn_backward_dy(const Tensor& grad_out, const OptTenso
                                           const OptTensor& mean, bool relu, bool want_grad_residual,
                                           at::ScalarType dy_dtype);
 
+// Conv backward with the optional fused dReLU/dBN prologue: with `a` given, the gradient at
+// the conv output is dy = a[k]*where(relu_out > 0, grad, 0) + b[k]*(y - mean[k]) + c[k]
+// (relu_out, y optional; b, c, mean required with y and used only with it), formed while the
+// kernels load their operands; without `a`, grad is dy. grad, relu_out, y share the operand
+// dtype (weight's for dgrad, x's for wgrad). fp32 uses TF32 tensor cores only when allow_tf32.
+//
+// dx [N, C, H, W] = input_size, in weight's dtype, channels-last when `channels_last` else NCHW.
+Tensor conv2d_dgrad(const Tensor& grad, const Tensor& weight, const OptTensor& relu_out, const OptTensor& y,
+                    const OptTensor& a, const OptTensor& b, const OptTensor& c, const OptTensor& mean,
+                    at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, int64_t groups, bool channels_last, bool allow_tf32);
+
+// (dW [K, C/groups, R, S] = weight_size in x's dtype, channels-last (K R S C order) when
+// weight_channels_last; db [K] in x's dtype, or an empty [0] tensor unless need_bias).
+// split_k: 0 chooses the number of N*P*Q splits; the result is bitwise reproducible for a
+// given split count (fixed-order second pass).
+std::tuple<Tensor, Tensor> conv2d_wgrad(const Tensor& grad, const Tensor& x, const OptTensor& relu_out,
+                                        const OptTensor& y, const OptTensor& a, const OptTensor& b,
+                                        const OptTensor& c, const OptTensor& mean, at::IntArrayRef weight_size,
+                                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                        int64_t groups, bool need_bias, bool weight_channels_last, bool allow_tf32,
+                                        int64_t split_k);
+
 }  // namespace resconv

@@ -9,6 +9,8 @@ Two implementations, chosen by the caller with ``impl``:
 * ``"triton"``: resconv's implicit-GEMM dgrad/wgrad kernels (``resconv::triton_conv2d_dgrad``
   / ``resconv::triton_conv2d_wgrad``), which can also form dy from a :class:`DyPrologue`
   while loading their operand tiles, so that dy is never written to memory.
+* ``"cuda"``: the same in CUDA C++ (``resconv::cuda_conv2d_dgrad`` / ``resconv::cuda_conv2d_wgrad``,
+  the extension ``resconv._C``, loaded or compiled on first use; CUDA tensors only).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .._conv_args import is_channels_last, memory_format_of
 
 Tensor = torch.Tensor
 
-IMPLS = ("aten", "triton")
+IMPLS = ("aten", "triton", "cuda")
 
 
 class DyPrologue(NamedTuple):
@@ -76,11 +78,13 @@ def conv2d_backward(
         dy (Tensor[N, K, P, Q]): the gradient at the conv output, or with ``prologue`` the
             gradient g it is formed from. x (Tensor[N, C, H, W]), weight (Tensor[K, C/groups, R, S]);
             padding (top, bottom, left, right).
-        impl ("aten" or "triton"): see the module docstring.
-        allow_tf32 (bool or None): "triton" only: fp32 operands on TF32 tensor cores; None
-            follows ``torch.backends.cudnn.allow_tf32`` ("aten" always follows it).
+        impl ("aten", "triton" or "cuda"): see the module docstring.
+        allow_tf32 (bool or None): "triton" and "cuda": fp32 operands on TF32 tensor cores;
+            None follows ``torch.backends.cudnn.allow_tf32`` ("aten" always follows it).
         prologue (DyPrologue or None): form dy from ``dy`` (fused into the kernels' loads
-            with "triton"; materialised first with "aten").
+            with "triton" and "cuda"; materialised first with "aten"). With "cuda", ``dy``,
+            ``relu_out`` and ``y`` are first cast to x's dtype if they differ (the kernels take
+            one operand dtype).
     Returns:
         (grad_input Tensor[N, C, H, W] | None, grad_weight Tensor[K, C/groups, R, S] | None,
         grad_bias Tensor[K] | None), in the dtypes of x, weight and weight; grad_input in x's
@@ -92,9 +96,10 @@ def conv2d_backward(
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if not (need_input or need_weight or need_bias):
         return None, None, None
-    if impl == "triton":
-        return _triton_backward(dy, x, weight, stride, padding, dilation, groups, need_input, need_weight, need_bias,
-                                torch.backends.cudnn.allow_tf32 if allow_tf32 is None else bool(allow_tf32), prologue)
+    if impl != "aten":
+        run = _triton_backward if impl == "triton" else _cuda_backward
+        return run(dy, x, weight, stride, padding, dilation, groups, need_input, need_weight, need_bias,
+                   torch.backends.cudnn.allow_tf32 if allow_tf32 is None else bool(allow_tf32), prologue)
     if prologue is not None:
         dy = prologue.materialize(dy, x.dtype)
     t, b, l, r = padding
@@ -129,6 +134,28 @@ def _triton_backward(dy, x, weight, stride, padding, dilation, groups, need_inpu
     if need_weight or need_bias:
         gw, gb = ops.conv2d_wgrad(dy, x, p.relu_out, p.y, p.a, p.b, p.c, p.mean, list(weight.shape), *geom,
                                   need_bias, is_channels_last(weight), allow_tf32)
+        gw = gw if need_weight else None
+        gb = gb if need_bias else None
+    return gx, gw, gb
+
+
+def _cuda_backward(dy, x, weight, stride, padding, dilation, groups, need_input, need_weight, need_bias,
+                   allow_tf32: bool, prologue: Optional[DyPrologue]):
+    from .cuda import ops
+
+    o = ops()
+    p = prologue if prologue is not None else DyPrologue(None)  # type: ignore[arg-type]
+    dt = x.dtype
+    as_dt = lambda t: t if t is None or t.dtype == dt else t.to(dt)  # noqa: E731
+    dy, relu_out, y = as_dt(dy), as_dt(p.relu_out), as_dt(p.y)
+    geom = (list(stride), list(padding), list(dilation), groups)
+    gx = gw = gb = None
+    if need_input:
+        gx = o.cuda_conv2d_dgrad(dy, weight, relu_out, y, p.a, p.b, p.c, p.mean, list(x.shape), *geom,
+                                 is_channels_last(x), allow_tf32)
+    if need_weight or need_bias:
+        gw, gb = o.cuda_conv2d_wgrad(dy, x, relu_out, y, p.a, p.b, p.c, p.mean, list(weight.shape), *geom,
+                                     need_bias, is_channels_last(weight), allow_tf32)
         gw = gw if need_weight else None
         gb = gb if need_bias else None
     return gx, gw, gb

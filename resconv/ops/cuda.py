@@ -8,14 +8,18 @@ module registers, once the extension is loaded:
   torch.export and run on the meta device;
 * autograd for the three user-facing ops: ``cuda_conv2d_fprop`` (eval path),
   ``cuda_conv2d_bn_train`` (training path) and ``cuda_add_relu``. Their backward uses the
-  CUDA dReLU/dBN kernels; the conv dgrad/wgrad are ``resconv.ops._conv_backward`` (ATen)
-  for now.
+  CUDA dReLU/dBN kernels; the conv dgrad/wgrad are chosen by :func:`conv_backward_impl`
+  (``RESCONV_CUDA_CONV_BACKWARD``): ATen's ``convolution_backward`` on a materialised dy
+  ("aten", the default for now), or resconv's own CUDA C++ dgrad/wgrad
+  (``cuda_conv2d_dgrad`` / ``cuda_conv2d_wgrad``) with dReLU/dBN fused into their operand
+  loads ("cuda").
 
 The extension is loaded (or compiled just in time) by :func:`resconv.build.load_extension`
 on the first call that needs it on a CUDA tensor; importing this module never builds.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional
 
@@ -23,7 +27,7 @@ import torch
 
 from .. import build as _build
 from .._conv_args import ConvGeometry, memory_format_of
-from ._conv_backward import conv2d_backward
+from ._conv_backward import DyPrologue, conv2d_backward
 from .triton import bn_input_grad_coefficients, out_shape
 
 Tensor = torch.Tensor
@@ -41,6 +45,35 @@ OPS = (
     "cuda_bn_backward_reduce",
     "cuda_bn_backward_dy",
 )
+# The conv backward ops (tests/test_cuda_conv_backward.py covers them; OPS is the list
+# tests/test_cuda_backend.py runs its per-op checks over).
+CONV_BACKWARD_OPS = ("cuda_conv2d_dgrad", "cuda_conv2d_wgrad")
+
+# The conv part of the cuda backend's backward: "aten" (ATen's convolution_backward, cuDNN)
+# or "cuda" (resconv's CUDA C++ dgrad/wgrad with the fused dReLU/dBN prologue).
+CONV_BACKWARD_ENV = "RESCONV_CUDA_CONV_BACKWARD"
+CONV_BACKWARD_IMPLS = ("aten", "cuda")
+# "aten" until the CUDA dgrad/wgrad kernels have run on a GPU: they compile for sm_80/sm_90
+# but were written without one. Make "cuda" the default once tests/test_cuda_conv_backward.py
+# (its GPU tests) and the cuda backend's training tests pass on sm_80 and sm_90 with
+# RESCONV_CUDA_CONV_BACKWARD=cuda.
+CONV_BACKWARD_DEFAULT = "aten"
+
+
+def conv_backward_impl() -> str:
+    """The conv dgrad/wgrad implementation of the cuda backend's backward: the value of
+    ``RESCONV_CUDA_CONV_BACKWARD`` ("aten" or "cuda", case-insensitive), else
+    :data:`CONV_BACKWARD_DEFAULT`. Read at every backward, so it can be switched at run time.
+
+    Raises:
+        ValueError: any other value.
+    """
+    value = os.environ.get(CONV_BACKWARD_ENV, "").strip().lower()
+    if not value:
+        return CONV_BACKWARD_DEFAULT
+    if value not in CONV_BACKWARD_IMPLS:
+        raise ValueError(f"{CONV_BACKWARD_ENV}: expected one of {CONV_BACKWARD_IMPLS}, got {value!r}")
+    return value
 
 
 def ops():
@@ -122,6 +155,18 @@ def _fake_bn_backward_dy(grad_out, out, y, a, b, c, mean, relu, want_grad_residu
     return dy, gres
 
 
+def _fake_conv2d_dgrad(grad, weight, relu_out, y, a, b, c, mean, input_size, stride, padding, dilation, groups,
+                       channels_last, allow_tf32):
+    return _empty(tuple(input_size), weight, _fmt(channels_last))
+
+
+def _fake_conv2d_wgrad(grad, x, relu_out, y, a, b, c, mean, weight_size, stride, padding, dilation, groups,
+                       need_bias, weight_channels_last, allow_tf32, split_k=0):
+    gw = _empty(tuple(weight_size), x, _fmt(weight_channels_last))
+    gb = _empty((weight_size[0],) if need_bias else (0,), x)
+    return gw, gb
+
+
 # ------------------------------------------------------------------------------------------
 # autograd
 # ------------------------------------------------------------------------------------------
@@ -138,6 +183,7 @@ def _fprop_backward(ctx, grad_out):
     stride, padding, dilation, groups = ctx.geom
     relu, allow_tf32, channels_last = ctx.flags
     nx, nw, nscale, nshift, nres = ctx.needs_input_grad[:5]
+    impl = conv_backward_impl()
     o = torch.ops.resconv
     y = None
     if nscale:  # d(scale) = sum(g * conv(x, W)): recompute the raw conv rather than keep it
@@ -146,7 +192,20 @@ def _fprop_backward(ctx, grad_out):
     sum_g = sum_gy = None
     if nshift or nscale:
         sum_g, sum_gy = o.cuda_bn_backward_reduce(grad_out, out, y, None, relu)
-    if relu or scale is not None:
+    prologue = None
+    if impl == "cuda":
+        # dy = scale * where(out > 0, grad_out, 0) is formed in the dgrad/wgrad operand loads;
+        # g is written only where it is an output (the residual's gradient).
+        g = None
+        if nres and relu:
+            ones = torch.ones(grad_out.shape[1], dtype=torch.float32, device=grad_out.device)
+            g, _ = o.cuda_bn_backward_dy(grad_out, out, None, ones, None, None, None, True, False, x.dtype)
+        dy, mask = (g, None) if g is not None else (grad_out, out if relu else None)
+        if scale is not None or mask is not None:
+            a = scale.float() if scale is not None else torch.ones(grad_out.shape[1], device=grad_out.device)
+            prologue = DyPrologue(a, mask)
+        g_res = (g if relu else grad_out) if nres else None
+    elif relu or scale is not None:
         a = scale.float() if scale is not None else torch.ones(grad_out.shape[1], device=grad_out.device)
         # Without a scale, g (the residual's gradient) and dy coincide: write one tensor.
         dy, g = o.cuda_bn_backward_dy(grad_out, out, None, a, None, None, None, relu, nres and scale is not None,
@@ -155,7 +214,8 @@ def _fprop_backward(ctx, grad_out):
     else:  # no ReLU, no scale: the gradient passes through unchanged
         dy = grad_out
         g_res = grad_out if nres else None
-    gx, gw, _ = conv2d_backward(dy, x, weight, stride, padding, dilation, groups, nx, nw, False)
+    gx, gw, _ = conv2d_backward(dy, x, weight, stride, padding, dilation, groups, nx, nw, False, impl=impl,
+                                allow_tf32=allow_tf32 if impl == "cuda" else None, prologue=prologue)
     if g_res is not None and g_res.dtype != x.dtype:
         g_res = g_res.to(x.dtype)
     g_scale = sum_gy.to(scale.dtype) if nscale else None
@@ -169,6 +229,7 @@ def _train_setup(ctx, inputs, output):
     out, y, mean, invstd, _ = output
     ctx.geom = (list(stride), list(padding), list(dilation), groups)
     ctx.relu = relu
+    ctx.allow_tf32 = allow_tf32
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (bias, bn_weight, bn_bias))
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(x, weight, bn_weight, y, mean, invstd, out if relu else None)
@@ -179,12 +240,27 @@ def _train_backward(ctx, grad_out, _gy, _gmean, _ginvstd, _gvar):
     x, weight, bn_weight, y, mean, invstd, out = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geom
     nx, nw, nb, ngamma, nbeta, nres = ctx.needs_input_grad[:6]
+    impl = conv_backward_impl()
     o = torch.ops.resconv
     count = float(y.numel() // y.shape[1]) if y.numel() else 1.0
     sum_g, sum_gy = o.cuda_bn_backward_reduce(grad_out, out, y, mean, ctx.relu)
     a, b, c = bn_input_grad_coefficients(sum_g, sum_gy, invstd, bn_weight, count)
-    dy, g_res = o.cuda_bn_backward_dy(grad_out, out, y, a, b, c, mean, ctx.relu, nres, x.dtype)
-    gx, gw, gb = conv2d_backward(dy, x, weight, stride, padding, dilation, groups, nx, nw, nb)
+    if impl == "cuda":
+        # dy = a*where(out > 0, grad_out, 0) + b*(y - mean) + c is formed in the dgrad/wgrad
+        # operand loads and never written; g only where it is an output (the residual's gradient).
+        g = None
+        if nres and ctx.relu:
+            ones = torch.ones(grad_out.shape[1], dtype=torch.float32, device=grad_out.device)
+            g, _ = o.cuda_bn_backward_dy(grad_out, out, None, ones, None, None, None, True, False, x.dtype)
+        src, mask = (g, None) if g is not None else (grad_out, out if ctx.relu else None)
+        gx, gw, gb = conv2d_backward(src, x, weight, stride, padding, dilation, groups, nx, nw, nb, impl="cuda",
+                                     allow_tf32=ctx.allow_tf32, prologue=DyPrologue(a, mask, y, b, c, mean))
+        g_res = ((g if ctx.relu else grad_out) if nres else None)
+        if g_res is not None and g_res.dtype != x.dtype:
+            g_res = g_res.to(x.dtype)
+    else:
+        dy, g_res = o.cuda_bn_backward_dy(grad_out, out, y, a, b, c, mean, ctx.relu, nres, x.dtype)
+        gx, gw, gb = conv2d_backward(dy, x, weight, stride, padding, dilation, groups, nx, nw, nb)
     bias_dt, gamma_dt, beta_dt = ctx.dtypes
     g_gamma = (sum_gy * invstd).to(gamma_dt) if ngamma else None
     g_beta = sum_g.to(beta_dt) if nbeta else None
@@ -217,6 +293,8 @@ _FAKES = {
     "cuda_add_relu": _fake_add_relu,
     "cuda_bn_backward_reduce": _fake_bn_backward_reduce,
     "cuda_bn_backward_dy": _fake_bn_backward_dy,
+    "cuda_conv2d_dgrad": _fake_conv2d_dgrad,
+    "cuda_conv2d_wgrad": _fake_conv2d_wgrad,
 }
 _AUTOGRAD = {
     "cuda_conv2d_fprop": (_fprop_backward, _fprop_setup),

@@ -1,14 +1,18 @@
 """The CUDA C++ kernels behind the launcher signatures of ``resconv.triton_kernels``, so that
 backend-neutral code (``resconv.ops.sync_bn.SyncConvBnTrain``) can take either as its
 ``kernels`` namespace. Each function loads the extension on first use (see
-:func:`resconv.ops.cuda.ops`) and calls the matching ``torch.ops.resconv.cuda_*`` op."""
+:func:`resconv.ops.cuda.ops`) and calls the matching ``torch.ops.resconv.cuda_*`` op.
+
+``conv2d_dgrad`` / ``conv2d_wgrad`` are the CUDA C++ dgrad/wgrad with the fused dReLU/dBN
+prologue; whether a backend-neutral caller uses them is the cuda backend's switch
+(:func:`use_fused_conv_backward`, :func:`resconv.ops.cuda.conv_backward_impl`)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from .cuda import ops
+from .cuda import conv_backward_impl, ops
 
 Tensor = torch.Tensor
 
@@ -49,9 +53,20 @@ def scale_shift_act(y: Tensor, *, a: Optional[Tensor] = None, b: Optional[Tensor
 
 
 def bn_backward_reduce(grad_out: Tensor, out: Optional[Tensor], y: Optional[Tensor], mean: Optional[Tensor], *,
-                       relu: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """(sum(g), sum(g * (y - mean)) or None without y), g = grad_out * (out > 0 if relu)."""
+                       relu: bool, g_out: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """(sum(g), sum(g * (y - mean)) or None without y), g = grad_out * (out > 0 if relu).
+
+    g_out (Tensor[N, K, P, Q] or None): if given, g is also written there (grad_out's shape
+    and strides). Here that is a second pass (the C++ reduction does not write g).
+    """
+    if g_out is not None and (g_out.shape != grad_out.shape or g_out.stride() != grad_out.stride()):
+        raise ValueError("g_out: expected a tensor of grad_out's shape and strides")
     sum_g, sum_gy = ops().cuda_bn_backward_reduce(grad_out, out if relu else None, y, mean, relu)
+    if g_out is not None:
+        ones = torch.ones(grad_out.shape[1], dtype=torch.float32, device=grad_out.device)
+        g, _ = ops().cuda_bn_backward_dy(grad_out, out if relu else None, None, ones, None, None, None, relu, False,
+                                         g_out.dtype)
+        g_out.copy_(g)
     return sum_g, (sum_gy if y is not None else None)
 
 
@@ -61,3 +76,41 @@ def bn_backward_dy(grad_out: Tensor, out: Optional[Tensor], y: Optional[Tensor],
     """(dy, grad_residual or None): dReLU + residual gradient + dBN input formula in one pass."""
     dy, gres = ops().cuda_bn_backward_dy(grad_out, out, y, a, b, c, mean, relu, want_grad_residual, dy_dtype)
     return dy, (gres if want_grad_residual else None)
+
+
+
+def use_fused_conv_backward() -> bool:
+    """Whether backend-neutral callers (``SyncConvBnTrain``) should use :func:`conv2d_dgrad` /
+    :func:`conv2d_wgrad` with the fused prologue: the cuda backend's switch
+    (:func:`resconv.ops.cuda.conv_backward_impl`) says "cuda"."""
+    return conv_backward_impl() == "cuda"
+
+
+def conv2d_dgrad(dy: Tensor, weight: Tensor, *, input_shape, stride, padding, dilation, groups: int,
+                 relu_out: Optional[Tensor] = None, y: Optional[Tensor] = None, a: Optional[Tensor] = None,
+                 b: Optional[Tensor] = None, c: Optional[Tensor] = None, mean: Optional[Tensor] = None,
+                 allow_tf32: bool = False, out_memory_format: torch.memory_format = torch.channels_last) -> Tensor:
+    """dx (Tensor[N, C, H, W] = input_shape) in weight's dtype and ``out_memory_format``; with
+    ``a``, dy = a*where(relu_out > 0, dy, 0) + b*(y - mean) + c formed in the kernel's loads.
+    dy, relu_out and y are cast to weight's dtype if they differ. See
+    ``resconv.triton_kernels.conv2d_dgrad``."""
+    cast = lambda t: t if t is None or t.dtype == weight.dtype else t.to(weight.dtype)  # noqa: E731
+    return ops().cuda_conv2d_dgrad(cast(dy), weight, cast(relu_out), cast(y), a, b, c, mean, list(input_shape),
+                                   list(stride), list(padding), list(dilation), groups,
+                                   out_memory_format == torch.channels_last, allow_tf32)
+
+
+def conv2d_wgrad(dy: Tensor, x: Tensor, *, weight_shape, stride, padding, dilation, groups: int,
+                 need_bias: bool = False, relu_out: Optional[Tensor] = None, y: Optional[Tensor] = None,
+                 a: Optional[Tensor] = None, b: Optional[Tensor] = None, c: Optional[Tensor] = None,
+                 mean: Optional[Tensor] = None, allow_tf32: bool = False,
+                 weight_memory_format: torch.memory_format = torch.contiguous_format,
+                 split_k: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """(dW Tensor[K, C/groups, R, S] = weight_shape in ``weight_memory_format``, db Tensor[K]
+    or None), in x's dtype; split_k None chooses the split count. dy, relu_out and y are cast
+    to x's dtype if they differ. See ``resconv.triton_kernels.conv2d_wgrad``."""
+    cast = lambda t: t if t is None or t.dtype == x.dtype else t.to(x.dtype)  # noqa: E731
+    gw, gb = ops().cuda_conv2d_wgrad(cast(dy), x, cast(relu_out), cast(y), a, b, c, mean, list(weight_shape),
+                                     list(stride), list(padding), list(dilation), groups, need_bias,
+                                     weight_memory_format == torch.channels_last, allow_tf32, split_k or 0)
+    return gw, (gb if need_bias else None)

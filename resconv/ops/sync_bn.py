@@ -70,7 +70,9 @@ class SyncConvBnTrain(torch.autograd.Function):
             else torch.contiguous_format
         grad_out = grad_out.contiguous(memory_format=fmt)
         nx, nw, nb, ngamma, nbeta, nres = ctx.needs_input_grad[:6]
-        fused = hasattr(k, "conv2d_dgrad") and hasattr(k, "conv2d_wgrad")
+        # A namespace may hold the fused kernels but not want them yet (the cuda backend's switch).
+        fused = hasattr(k, "conv2d_dgrad") and hasattr(k, "conv2d_wgrad") and \
+            getattr(k, "use_fused_conv_backward", lambda: True)()
         want_g = fused and nres and ctx.relu  # g = grad_out * (out > 0), the residual's gradient
         g = torch.empty_like(grad_out) if want_g else None
         if want_g:
