@@ -62,14 +62,15 @@ def select_backend(backend: Optional[str], x: Tensor):
 
 def _autocast(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     """Under torch.autocast, cast floating operands to the autocast dtype as nn.Conv2d does."""
-    if not tensors or tensors[0] is None:
-        return tensors
+    if not tensors or not isinstance(tensors[0], torch.Tensor):
+        return tensors  # nothing to cast; validation names a non-tensor argument afterwards
     dev = tensors[0].device.type
     if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
         return tensors
     dt = torch.get_autocast_dtype(dev)
     return tuple(
-        t.to(dt) if (t is not None and t.is_floating_point() and t.dtype != torch.float64) else t for t in tensors
+        t.to(dt) if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64) else t
+        for t in tensors
     )
 
 

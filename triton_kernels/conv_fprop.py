@@ -172,11 +172,14 @@ def _conv2d_fprop_kernel(
         y = y + tl.load(shift_ptr + k_glob, mask=n_mask, other=0.0)[None, :]
     if STATS:
         # Per-tile moments (count, mean, M2) of y per channel; combined later with Chan's
-        # formula, never as E[y^2] - E[y]^2.
+        # formula, never as E[y^2] - E[y]^2. The sum is taken relative to the tile's first
+        # row (a pivot), so a large common offset in y does not round the sum away.
         rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)
         rows_f = rows.to(tl.float32)
         valid = m_mask[:, None]
-        t_mean = tl.sum(tl.where(valid, y, 0.0), axis=0) / rows_f
+        first = (tl.arange(0, BLOCK_M) == 0)[:, None]
+        pivot = tl.sum(tl.where(first, y, 0.0), axis=0)
+        t_mean = pivot + tl.sum(tl.where(valid, y - pivot[None, :], 0.0), axis=0) / rows_f
         d = tl.where(valid, y - t_mean[None, :], 0.0)
         t_m2 = tl.sum(d * d, axis=0)
         tl.store(mean_ptr + pid_m.to(tl.int64) * K + k_glob, t_mean, mask=n_mask)
@@ -191,7 +194,7 @@ def _conv2d_fprop_kernel(
         r_off = (n64 * srn + p.to(tl.int64) * srp + q.to(tl.int64) * srq)[:, None] + (k_glob.to(tl.int64) * srk)[None, :]
         y = y + tl.load(res_ptr + r_off, mask=o_mask, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum: NaN must pass through, as torch.relu does
     o_off = (n64 * son + p.to(tl.int64) * sop + q.to(tl.int64) * soq)[:, None] + (k_glob.to(tl.int64) * sok)[None, :]
     tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=o_mask)
 

@@ -1,7 +1,9 @@
 """Per-channel elementwise kernels over [N, K, P, Q] tensors (NCHW- or NHWC-dense):
 
-* ``scale_shift_act``: ``out = act(y * a[k] + b[k] + residual)`` — the BatchNorm apply of
-  training mode and, with no ``a``/``b``, the standalone residual add + ReLU.
+* ``scale_shift_act``: ``out = act((y - center[k]) * a[k] + b[k] + residual)`` — the BatchNorm
+  apply of training mode (centre = batch mean, subtracted first so that a large common offset
+  cancels exactly instead of through ``a*y + (beta - mean*a)``) and, with no ``a``/``b``, the
+  standalone residual add + ReLU.
 * ``bn_backward_dy``: ``g = grad_out * (out > 0)``; ``dy = a[k] * g + b[k] * (y - mean[k]) + c[k]``,
   and ``grad_residual = g``: dReLU, the residual gradient and the dBN input-gradient
   formula in one pass.
@@ -36,8 +38,10 @@ def _scale_shift_act_kernel(
     out_ptr,  # like y
     a_ptr,  # [K] fp32 (HAS_AFFINE)
     b_ptr,  # [K] fp32 (HAS_AFFINE)
+    c_ptr,  # [K] fp32 centre (HAS_CENTER)
     numel, K, L,
     HAS_AFFINE: tl.constexpr,
+    HAS_CENTER: tl.constexpr,
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
@@ -48,11 +52,13 @@ def _scale_shift_act_kernel(
     v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_AFFINE:
         k = _channel_index(offs, K, L, CHANNELS_LAST)
+        if HAS_CENTER:
+            v = v - tl.load(c_ptr + k, mask=mask, other=0.0)
         v = v * tl.load(a_ptr + k, mask=mask, other=1.0) + tl.load(b_ptr + k, mask=mask, other=0.0)
     if HAS_RES:
         v = v + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        v = tl.maximum(v, 0.0)
+        v = tl.where(v < 0.0, 0.0, v)  # not tl.maximum: NaN must pass through, as torch.relu does
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -109,17 +115,23 @@ def scale_shift_act(
     b: Optional[torch.Tensor] = None,
     residual: Optional[torch.Tensor] = None,
     relu: bool = False,
+    center: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``out = act(y * a[k] + b[k] + residual)`` elementwise, fp32 math.
+    """``out = act((y - center[k]) * a[k] + b[k] + residual)`` elementwise, fp32 math.
 
     Args:
         y (Tensor[N, K, P, Q]): NCHW- or NHWC-dense, fp16/bf16/fp32.
         a, b (Tensor[K] fp32 or None): per-channel scale and shift (both or neither).
+        center (Tensor[K] fp32 or None): subtracted before the scale (needs ``a``/``b``).
         residual (Tensor[N, K, P, Q] or None): converted to y's layout if needed.
     Returns:
         out (Tensor[N, K, P, Q]) in y's dtype and memory format.
     """
     check_device(y, "input")
+    if (a is None) != (b is None):
+        raise ValueError("a, b: the scale and the shift go together (both or neither)")
+    if center is not None and a is None:
+        raise ValueError("center: needs a and b (the scale and shift it is applied with)")
     cl = _layout(y)
     y = _same_layout(y, y, cl)
     out = new_empty(y.shape, y.dtype, y.device, torch.channels_last if cl else torch.contiguous_format)
@@ -133,9 +145,9 @@ def scale_shift_act(
     grid = (triton.cdiv(y.numel(), _BLOCK),)
     _scale_shift_act_kernel[grid](
         y, residual if residual is not None else dummy, out,
-        a if a is not None else dummy, b if b is not None else dummy,
+        a if a is not None else dummy, b if b is not None else dummy, center if center is not None else dummy,
         y.numel(), K, L,
-        HAS_AFFINE=a is not None, HAS_RES=residual is not None, RELU=relu, CHANNELS_LAST=cl,
+        HAS_AFFINE=a is not None, HAS_CENTER=center is not None, HAS_RES=residual is not None, RELU=relu, CHANNELS_LAST=cl,
         BLOCK=_BLOCK, num_warps=_WARPS,
     )
     return out

@@ -1,0 +1,219 @@
+"""The bad-input catalogue: every invalid call a user can make, the exception it must raise
+and the words that message must contain, generated from the one list ``BAD_CALLS``.
+
+Each entry runs on every backend of this machine (validation is shared and happens before a
+backend is chosen, so every backend must give the same error), and after each call every
+tensor the caller passed is checked unmodified. NaN/Inf inputs are not errors: they must
+propagate exactly where torch.nn's output has them (``test_non_finite_inputs_propagate``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import resconv
+import resconv.functional as RF
+import resconv.nn as rnn
+from conftest import test_device
+
+BACKENDS = ["torch", "triton"]
+
+
+@dataclass
+class Bad:
+    """One invalid call: ``call(t, backend)`` with ``t`` the fresh tensors of :func:`_tensors`."""
+
+    id: str
+    call: Callable
+    exc: type
+    match: str
+
+
+def _tensors(dev: str) -> dict:
+    """Fresh random, valid operands: x [2, 4, 6, 6], w [8, 4, 3, 3] -> out [2, 8, 4, 4]."""
+    t = dict(
+        x=torch.randn(2, 4, 6, 6), w=torch.randn(8, 4, 3, 3), b=torch.randn(8),
+        res=torch.randn(2, 8, 4, 4), rm=torch.randn(8), rv=torch.rand(8) + 0.5,
+        gamma=torch.rand(8) + 0.5, beta=torch.randn(8),
+    )
+    return {k: v.to(dev) for k, v in t.items()}
+
+
+def _bn_train(x, t, backend):
+    return RF.conv_bn2d(x, t["w"], None, t["rm"], t["rv"], t["gamma"], t["beta"], training=True, backend=backend)
+
+
+BAD_CALLS: list[Bad] = [
+    # rank
+    Bad("input_2d", lambda t, be: RF.conv2d(t["x"][0, 0], t["w"], backend=be), ValueError,
+        r"input: expected a 3-D or 4-D tensor, got shape \(6, 6\)"),
+    Bad("input_5d", lambda t, be: RF.conv2d(t["x"][None], t["w"], backend=be), ValueError,
+        r"input: expected a 3-D or 4-D tensor"),
+    Bad("weight_3d", lambda t, be: RF.conv2d(t["x"], t["w"][:, :, 0], backend=be), ValueError,
+        r"weight: expected a 4-D tensor, got shape \(8, 4, 3\)"),
+    Bad("weight_5d", lambda t, be: RF.conv2d(t["x"], t["w"][None], backend=be), ValueError,
+        r"weight: expected a 4-D tensor"),
+    # channels and groups
+    Bad("channel_mismatch", lambda t, be: RF.conv2d(t["x"][:, :3], t["w"], backend=be), ValueError,
+        r"weight: expected weight.shape\[1\] == in_channels / groups = 3"),
+    Bad("groups_not_dividing_input", lambda t, be: RF.conv2d(t["x"], t["w"][:, :2], groups=3, backend=be),
+        ValueError, r"groups: in_channels=4 \(input.shape\[1\]\) is not divisible by groups=3"),
+    Bad("groups_not_dividing_output", lambda t, be: RF.conv2d(t["x"], t["w"][:6, :1], groups=4, backend=be),
+        ValueError, r"groups: out_channels=6 \(weight.shape\[0\]\) is not divisible by groups=4"),
+    Bad("groups_zero", lambda t, be: RF.conv2d(t["x"], t["w"], groups=0, backend=be), ValueError,
+        r"groups: expected a positive int, got 0"),
+    # devices and dtypes
+    Bad("weight_other_device", lambda t, be: RF.conv2d(t["x"], t["w"].to("meta"), backend=be), ValueError,
+        r"weight: expected a tensor on input's device"),
+    Bad("weight_other_dtype", lambda t, be: RF.conv2d(t["x"], t["w"].double(), backend=be), TypeError,
+        r"weight: expected dtype torch.float32 \(the dtype of input\), got torch.float64"),
+    Bad("input_integer", lambda t, be: RF.conv2d(t["x"].to(torch.int32), t["w"], backend=be), TypeError,
+        r"input: expected a floating dtype .* got torch.int32"),
+    Bad("weight_integer", lambda t, be: RF.conv2d(t["x"], t["w"].to(torch.int64), backend=be), TypeError,
+        r"weight: expected a floating dtype .* got torch.int64"),
+    Bad("input_complex", lambda t, be: RF.conv2d(t["x"].to(torch.complex64), t["w"], backend=be), TypeError,
+        r"input: expected a floating dtype .* got torch.complex64"),
+    Bad("bias_other_dtype", lambda t, be: RF.conv2d(t["x"], t["w"], t["b"].half(), backend=be), TypeError,
+        r"bias: expected dtype torch.float32"),
+    Bad("bias_wrong_shape", lambda t, be: RF.conv2d(t["x"], t["w"], t["b"][:5], backend=be), ValueError,
+        r"bias: expected shape \(8,\) \(one value per output channel\), got \(5,\)"),
+    # residual
+    Bad("residual_wrong_shape", lambda t, be: RF.conv2d(t["x"], t["w"], residual=t["res"][:, :, :3], backend=be),
+        ValueError, r"residual: expected the output's shape \(2, 8, 4, 4\), got \(2, 8, 3, 4\)"),
+    Bad("residual_other_dtype", lambda t, be: RF.conv2d(t["x"], t["w"], residual=t["res"].double(), backend=be),
+        TypeError, r"residual: expected dtype torch.float32"),
+    Bad("residual_other_device", lambda t, be: RF.conv2d(t["x"], t["w"], residual=t["res"].to("meta"), backend=be),
+        ValueError, r"residual: expected a tensor on input's device"),
+    Bad("residual_integer", lambda t, be: RF.conv2d(t["x"], t["w"], residual=t["res"].int(), backend=be),
+        TypeError, r"residual: expected a floating dtype"),
+    # geometry
+    Bad("stride_zero", lambda t, be: RF.conv2d(t["x"], t["w"], stride=0, backend=be), ValueError,
+        r"stride: expected positive values, got 0"),
+    Bad("stride_negative", lambda t, be: RF.conv2d(t["x"], t["w"], stride=(1, -2), backend=be), ValueError,
+        r"stride: expected positive values, got \(1, -2\)"),
+    Bad("stride_float", lambda t, be: RF.conv2d(t["x"], t["w"], stride=1.5, backend=be), TypeError,
+        r"stride: expected an int or a pair of ints, got 1.5"),
+    Bad("stride_triple", lambda t, be: RF.conv2d(t["x"], t["w"], stride=(1, 1, 1), backend=be), TypeError,
+        r"stride: expected an int or a pair of ints"),
+    Bad("dilation_zero", lambda t, be: RF.conv2d(t["x"], t["w"], dilation=(0, 1), backend=be), ValueError,
+        r"dilation: expected positive values"),
+    Bad("padding_negative", lambda t, be: RF.conv2d(t["x"], t["w"], padding=-1, backend=be), ValueError,
+        r"padding: expected non-negative values, got -1"),
+    Bad("padding_unknown_string", lambda t, be: RF.conv2d(t["x"], t["w"], padding="full", backend=be), ValueError,
+        r"padding: expected an int, a pair of ints, 'same' or 'valid', got 'full'"),
+    Bad("padding_same_strided", lambda t, be: RF.conv2d(t["x"], t["w"], stride=2, padding="same", backend=be),
+        ValueError, r"padding='same' is not supported for strided convolutions"),
+    Bad("padding_mode_unknown", lambda t, be: RF.conv2d(t["x"], t["w"], padding=1, padding_mode="mirror", backend=be),
+        ValueError, r"padding_mode: expected one of \('zeros', 'reflect', 'replicate', 'circular'\), got 'mirror'"),
+    Bad("kernel_larger_than_padded_input", lambda t, be: RF.conv2d(t["x"][:, :, :2], t["w"], backend=be),
+        ValueError, r"padded input size \(2 x 6\) is smaller than the dilated kernel \(3 x 3\)"),
+    Bad("dilated_kernel_too_large", lambda t, be: RF.conv2d(t["x"], t["w"], dilation=3, backend=be),
+        ValueError, r"smaller than the dilated kernel \(7 x 7\)"),
+    Bad("weight_empty_kernel", lambda t, be: RF.conv2d(t["x"], t["w"][:, :, :0], backend=be), ValueError,
+        r"weight: expected non-empty output channels and kernel"),
+    # non-tensors
+    Bad("input_list", lambda t, be: RF.conv2d(t["x"].tolist(), t["w"], backend=be), TypeError,
+        r"input: expected a torch.Tensor, got list"),
+    Bad("weight_numpy", lambda t, be: RF.conv2d(t["x"], np.zeros((8, 4, 3, 3), np.float32), backend=be), TypeError,
+        r"weight: expected a torch.Tensor, got ndarray"),
+    Bad("residual_float", lambda t, be: RF.conv2d(t["x"], t["w"], residual=1.0, backend=be), TypeError,
+        r"residual: expected a torch.Tensor, got float"),
+    # BatchNorm
+    Bad("one_value_per_channel_training", lambda t, be: _bn_train(t["x"][:1, :, :3, :3], t, be), ValueError,
+        r"Expected more than 1 value per channel when training, got input size torch.Size\(\[1, 8, 1, 1\]\)"),
+    Bad("eval_without_running_stats",
+        lambda t, be: RF.conv_bn2d(t["x"], t["w"], None, None, None, training=False, backend=be), ValueError,
+        r"running_mean, running_var: required when training=False"),
+    Bad("running_mean_wrong_shape",
+        lambda t, be: RF.conv_bn2d(t["x"], t["w"], None, t["rm"][:4], t["rv"], training=True, backend=be),
+        ValueError, r"running_mean: expected shape \(8,\)"),
+    Bad("bn_weight_wrong_shape",
+        lambda t, be: RF.conv_bn2d(t["x"], t["w"], None, t["rm"], t["rv"], t["gamma"][None], training=True,
+                                   backend=be), ValueError, r"bn_weight: expected shape \(8,\)"),
+    Bad("running_var_other_device",
+        lambda t, be: RF.conv_bn2d(t["x"], t["w"], None, t["rm"], t["rv"].to("meta"), training=True, backend=be),
+        ValueError, r"running_var: expected a tensor on"),
+    Bad("scale_wrong_shape", lambda t, be: RF.conv2d(t["x"], t["w"], scale=t["gamma"][:7], backend=be), ValueError,
+        r"scale: expected shape \(8,\)"),
+    # add_relu
+    Bad("add_relu_shape", lambda t, be: RF.add_relu(t["res"], t["res"][:1], backend=be), ValueError,
+        r"residual: expected input's shape \(2, 8, 4, 4\), got \(1, 8, 4, 4\)"),
+    Bad("add_relu_dtype", lambda t, be: RF.add_relu(t["res"], t["res"].half(), backend=be), TypeError,
+        r"residual: expected dtype torch.float32"),
+    Bad("add_relu_integer", lambda t, be: RF.add_relu(t["res"].long(), t["res"].long(), backend=be), TypeError,
+        r"input: expected a floating dtype"),
+    # backend choice
+    Bad("backend_unknown", lambda t, be: RF.conv2d(t["x"], t["w"], backend="cudnn"), ValueError,
+        r"backend: expected one of \('auto', 'torch', 'triton', 'cuda'\), got 'cudnn'"),
+    # modules
+    Bad("module_wrong_channels", lambda t, be: _module(rnn.Conv2d(3, 8, 3), be)(t["x"]), ValueError,
+        r"weight: expected weight.shape\[1\] == in_channels / groups = 4"),
+    Bad("module_missing_residual", lambda t, be: _module(rnn.ConvBnAddReLU2d(4, 8, 3), be)(t["x"], None),
+        ValueError, r"residual: ConvBnAddReLU2d needs a residual tensor"),
+    Bad("from_modules_channel_mismatch", lambda t, be: rnn.ConvBn2d.from_modules(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(6)),
+        ValueError, r"bn: num_features=6 does not match conv.out_channels=8"),
+    Bad("from_modules_not_a_conv", lambda t, be: rnn.ConvBn2d.from_modules(nn.Linear(4, 8), nn.BatchNorm2d(8)),
+        TypeError, r"conv: expected a torch.nn.Conv2d, got Linear"),
+    Bad("resnet_unknown_variant", lambda t, be: resconv.models.resnet18(variant="tiny"), ValueError,
+        r"variant"),
+]
+
+
+def _module(m: nn.Module, backend: str) -> nn.Module:
+    for mod in m.modules():
+        if hasattr(mod, "backend"):
+            mod.backend = backend
+    return m.to(test_device() if backend == "triton" else "cpu")
+
+
+def test_catalogue_covers_enough():
+    assert len(BAD_CALLS) >= 25
+    assert len({b.id for b in BAD_CALLS}) == len(BAD_CALLS), "ids must be unique"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", BAD_CALLS, ids=lambda b: b.id)
+def test_bad_input_raises(bad, backend):
+    dev = test_device() if backend == "triton" else "cpu"
+    t = _tensors(dev)
+    before = {k: v.clone() for k, v in t.items()}
+    with pytest.raises(bad.exc) as info:
+        bad.call(t, backend)
+    assert type(info.value) is bad.exc, f"expected exactly {bad.exc.__name__}, got {type(info.value).__name__}"
+    assert re.search(bad.match, str(info.value)), f"message {str(info.value)!r} does not match {bad.match!r}"
+    for k, v in t.items():
+        assert torch.equal(v, before[k]), f"{k} was modified"
+
+
+def test_forced_unavailable_backend_names_the_reason():
+    t = _tensors("cpu")
+    with pytest.raises(resconv.BackendUnavailableError, match=r"backend 'cuda' cannot run on a torch.float32 tensor on cpu"):
+        RF.conv2d(t["x"], t["w"], backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["input", "weight", "residual"])
+def test_non_finite_inputs_propagate(where, value, relu, backend):
+    """A non-finite operand is not an error: the output has NaN/Inf exactly where
+    torch.nn's float64 computation has them, and is finite elsewhere (never raises)."""
+    dev = test_device() if backend == "triton" else "cpu"
+    t = _tensors("cpu")
+    key = {"input": "x", "weight": "w", "residual": "res"}[where]
+    t[key].view(-1)[3] = value
+    pre = torch.nn.functional.conv2d(t["x"].double(), t["w"].double(), t["b"].double()) + t["res"].double()
+    ref = torch.relu(pre) if relu else pre
+    out = RF.conv2d(t["x"].to(dev), t["w"].to(dev), t["b"].to(dev), residual=t["res"].to(dev), relu=relu,
+                    backend=backend).cpu()
+    assert torch.equal(out.isnan(), ref.isnan()), "NaN pattern differs from torch.nn's"
+    assert torch.equal(out.isinf(), ref.isinf()), "Inf pattern differs from torch.nn's"
+    assert not pre.isfinite().all(), "the case must produce a non-finite pre-activation"
+    if value != value:  # NaN survives ReLU (torch.relu(nan) is nan)
+        assert out.isnan().any()
