@@ -27,9 +27,13 @@ __global__ void __launch_bounds__(kColC* kColT)
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
   const int64_t k = static_cast<int64_t>(blockIdx.x) * kColC + tx;
+  // Partial means are merged relative to the first one (a pivot), so that each merge rounds
+  // at the scale of their spread, not of a large common offset.
+  const float pivot = (k < K && T > 0) ? pmean[k] : 0.f;
   float n = 0.f, mean = 0.f, m2 = 0.f;
   if (k < K) {
-    for (int64_t t = ty; t < T; t += kColT) chan_combine(n, mean, m2, count[t], pmean[t * K + k], pm2[t * K + k]);
+    for (int64_t t = ty; t < T; t += kColT)
+      chan_combine(n, mean, m2, count[t], pmean[t * K + k] - pivot, pm2[t * K + k]);
   }
   s_n[ty][tx] = n;
   s_mean[ty][tx] = mean;
@@ -37,6 +41,7 @@ __global__ void __launch_bounds__(kColC* kColT)
   __syncthreads();
   if (ty != 0 || k >= K) return;
   for (int j = 1; j < kColT; ++j) chan_combine(n, mean, m2, s_n[j][tx], s_mean[j][tx], s_m2[j][tx]);
+  mean += pivot;
   const float var = m2 / n;  // biased: normalises the batch
   const float invstd = 1.f / sqrtf(var + eps);
   const float a = gamma != nullptr ? gamma[k] * invstd : invstd;

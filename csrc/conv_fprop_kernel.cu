@@ -15,8 +15,8 @@
 //
 // Epilogue (both kernels): the fp32 accumulator tile goes to shared memory as
 // y = acc * scale[k] + shift[k]; from there (a) BatchNorm partials: for each channel and
-// each kStatsTileRows-row segment, count, mean and M2 (two passes over the segment, never
-// E[y^2] - E[y]^2); (b) out = relu(y + residual) rounded once to T and stored through the
+// each kStatsTileRows-row segment, count, mean and M2 (two passes over the segment, the sum
+// relative to its first row, never E[y^2] - E[y]^2); (b) out = relu(y + residual) rounded once to T and stored through the
 // output's strides (16-byte vectors along K when the output is channels-last).
 #include <c10/cuda/CUDAException.h>
 
@@ -52,9 +52,12 @@ __device__ __forceinline__ void epilogue_from_smem(const float* tile, int ld, co
       const int row0 = seg * kStatsTileRows;
       const int rows = min(kStatsTileRows, M - (m0 + row0));
       if (n0 + col >= Kg || rows <= 0) continue;
+      // Summed relative to the segment's first row (a pivot): a large common offset in y
+      // then does not round the sum away.
+      const float pivot = tile[row0 * ld + col];
       float sum = 0.f;
-      for (int r = 0; r < rows; ++r) sum += tile[(row0 + r) * ld + col];
-      const float mean = sum / static_cast<float>(rows);
+      for (int r = 0; r < rows; ++r) sum += tile[(row0 + r) * ld + col] - pivot;
+      const float mean = pivot + sum / static_cast<float>(rows);
       float m2 = 0.f;
       for (int r = 0; r < rows; ++r) {
         const float d = tile[(row0 + r) * ld + col] - mean;

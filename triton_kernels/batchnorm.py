@@ -49,6 +49,11 @@ def _bn_finalize_kernel(
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = offs_c < K
+    # The partial means are merged relative to the first one (a pivot): with a large common
+    # offset the merged values stay small, so each merge step rounds at their scale, not the
+    # offset's. (A rank with no rows as the first partial makes the pivot 0: correct, only
+    # without that gain.)
+    pivot = tl.load(pmean_ptr + offs_c, mask=cm & (T > 0), other=0.0)
     run_mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     run_m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     run_n = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -59,10 +64,11 @@ def _bn_finalize_kernel(
         n2 = n[:, None] + tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
         off = offs_t.to(tl.int64)[:, None] * K + offs_c[None, :]
         m2d = tm[:, None] & cm[None, :]
-        mu = tl.load(pmean_ptr + off, mask=m2d, other=0.0)
+        mu = tl.where(m2d, tl.load(pmean_ptr + off, mask=m2d, other=0.0) - pivot[None, :], 0.0)
         m2 = tl.load(pm2_ptr + off, mask=m2d, other=0.0)
         c_mean, c_m2, c_n = tl.reduce((mu, m2, n2), 0, _chan_combine)
         run_mean, run_m2, run_n = _chan_combine(run_mean, run_m2, run_n, c_mean, c_m2, c_n)
+    run_mean = pivot + run_mean
     var = run_m2 / run_n
     invstd = 1.0 / tl.sqrt(var + eps)
     var_unbiased = run_m2 / tl.maximum(run_n - 1.0, 1.0)

@@ -47,8 +47,18 @@ def update_running_stats_(running_mean: Optional[Tensor], running_var: Optional[
 
 
 def scale_shift_act(y: Tensor, *, a: Optional[Tensor] = None, b: Optional[Tensor] = None,
-                    residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
-    """``act(y * a[k] + b[k] + residual)`` in y's dtype and layout."""
+                    residual: Optional[Tensor] = None, relu: bool = False,
+                    center: Optional[Tensor] = None) -> Tensor:
+    """``act((y - center[k]) * a[k] + b[k] + residual)`` in y's dtype and layout.
+
+    The C++ kernel has no centre yet: it is folded into the shift (``b - center * a``), which
+    loses log2(|mean| / std) bits where the conv output has a large common offset (the
+    Triton kernel subtracts it first).
+    """
+    if center is not None:
+        if a is None or b is None:
+            raise ValueError("center: needs a and b (the scale and shift it is applied with)")
+        b = b - center * a
     return ops().cuda_scale_shift_act(y, a, b, residual, relu)
 
 

@@ -148,9 +148,14 @@ def conv2d_bn_train(
         x, weight, stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), groups=groups,
         out_shape=shape, shift=bias, allow_tf32=allow_tf32, out_memory_format=memory_format_of(x), stats=True,
     )
-    mean, invstd, var_unbiased, a, b = tk.bn_finalize(cnt, pmean, pm2, bn_weight, bn_bias, eps)
-    out = tk.scale_shift_act(y, a=a, b=b, residual=residual, relu=relu)
+    mean, invstd, var_unbiased, a, _ = tk.bn_finalize(cnt, pmean, pm2, bn_weight, bn_bias, eps)
+    out = tk.scale_shift_act(y, a=a, b=_beta(bn_bias, mean), center=mean, residual=residual, relu=relu)
     return out, y, mean, invstd, var_unbiased
+
+
+def _beta(bn_bias: Optional[Tensor], like: Tensor) -> Tensor:
+    """beta as the fp32 shift of the centred apply ``(y - mean) * a + beta`` (0 without affine)."""
+    return torch.zeros_like(like) if bn_bias is None else bn_bias.float()
 
 
 @conv2d_bn_train.register_fake
