@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .models.resnet import BasicBlock, Bottleneck
-from .nn import Conv2d, ConvBn2d, ConvBnReLU2d, FoldedBatchNorm2d, _ConvBnNd
+from .nn import Conv2d, ConvBn2d, ConvBnReLU2d, FoldedBatchNorm2d, _ConvBnNd, _FusedBatchNormCheck
 
 
 class FoldedReLU(nn.Identity):
@@ -113,7 +113,7 @@ def _convert(module: nn.Module, prefix: str, report: ConvertReport) -> None:
     if _is_tv_resnet(module) and _plain_conv(module.conv1) and _plain_bn(module.bn1, module.conv1.out_channels) \
             and _is_plain_relu(module.relu):
         folded = FoldedBatchNorm2d.sharing(module.bn1)
-        module.conv1 = _fuse_marked(ConvBnReLU2d, module.conv1, folded)
+        module.conv1 = _fuse_marked(ConvBnReLU2d, module.conv1, folded)._bind_bn_owner(module)
         module.bn1 = folded
         module.relu = FoldedReLU.replacing(module.relu)
         report.fused.append((_join(prefix, "conv1"), "stem conv-bn-relu"))
@@ -154,7 +154,7 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, report: ConvertReport) 
             with_relu = relu is not None and _is_plain_relu(relu)
             folded = FoldedBatchNorm2d.sharing(bn)
             cls = ConvBnReLU2d if with_relu else ConvBn2d
-            seq._modules[keys[i]] = _fuse_marked(cls, conv, folded)
+            seq._modules[keys[i]] = _fuse_marked(cls, conv, folded)._bind_bn_owner(seq)
             seq._modules[keys[i + 1]] = folded
             if with_relu:
                 seq._modules[keys[i + 2]] = FoldedReLU.replacing(relu)
@@ -193,6 +193,9 @@ def _restore_conv(fused: _ConvBnNd, conv: nn.Conv2d) -> nn.Conv2d:
 
 
 def _revert(module: nn.Module) -> None:
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, _FusedBatchNormCheck):  # convert() put it there
+            del module._forward_pre_hooks[key]
     for name, child in list(module._modules.items()):
         orig = None if child is None else child.__dict__.get("original")
         if orig is None:

@@ -139,8 +139,18 @@ class _ConvBnNd(Conv2d):
             self.bn = bn
         else:
             object.__setattr__(self, "bn", bn)  # a reference, not a child
-        self.process_group = getattr(bn, "process_group", None) if isinstance(bn, nn.SyncBatchNorm) else None
+        src = bn.__dict__.get("original", bn)  # a FoldedBatchNorm2d stands for the module convert() fused
+        self.process_group = (src.process_group or _WorldGroup()) if isinstance(src, nn.SyncBatchNorm) else None
         self.train(bn.training)
+        return self
+
+    def _bind_bn_owner(self, owner: nn.Module) -> "_ConvBnNd":
+        """Have ``owner`` (where the unregistered ``bn`` is registered, beside this module)
+        check before each forward that ``bn`` is still its child: replacing it there (e.g. by
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm) would otherwise leave this fused conv
+        computing with a module the model no longer has."""
+        if not any(isinstance(h, _FusedBatchNormCheck) for h in owner._forward_pre_hooks.values()):
+            owner.register_forward_pre_hook(_FusedBatchNormCheck())
         return self
 
     def to_modules(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
@@ -181,6 +191,10 @@ class _ConvBnNd(Conv2d):
         )
 
     def _sync_group(self):
+        if isinstance(self.process_group, _WorldGroup):
+            import torch.distributed as dist
+
+            return dist.group.WORLD
         if self.process_group is not None:
             return self.process_group
         if isinstance(self.bn, nn.SyncBatchNorm):
@@ -242,6 +256,71 @@ class ConvBnAddReLU2d(_ConvBnNd):
         if residual is None:
             raise ValueError("residual: ConvBnAddReLU2d needs a residual tensor (use ConvBnReLU2d without one)")
         return self._forward(input, residual)
+
+
+class _FusedBatchNormCheck:
+    """Forward pre-hook of a module whose fused children compute BatchNorms registered in it
+    (see :meth:`_ConvBnNd._bind_bn_owner`); holds no reference, so copies and pickles stay small."""
+
+    def __call__(self, module: nn.Module, args) -> None:
+        children = list(module._modules.values())
+        for name, m in module._modules.items():
+            if isinstance(m, _ConvBnNd) and "bn" not in m._modules and not any(c is m.bn for c in children):
+                raise RuntimeError(
+                    f"the BatchNorm that the fused conv {type(module).__name__}.{name} computes is no longer a "
+                    "child of its parent: it was replaced after fusing (e.g. by "
+                    "torch.nn.SyncBatchNorm.convert_sync_batchnorm), so the fused op would compute with a module "
+                    "the model no longer has; for synchronized statistics use resconv.nn.convert_sync_batchnorm(model), "
+                    "or resconv.revert(model) before changing its BatchNorms"
+                )
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Synchronize the batch statistics of every fused module in ``module`` across processes.
+
+    The counterpart of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` for models made of
+    (or converted to) resconv modules: each fused conv+BatchNorm gets ``process_group``, so in
+    training its per-rank (count, mean, M2) are all-gathered and merged before the
+    normalisation, as nn.SyncBatchNorm does; the modules, ``state_dict`` keys and Parameters
+    stay the same. BatchNorms that no fused module computes are converted with torch's
+    function. (torch's function alone must not be used on models from resconv.models or
+    resconv.convert: it replaces BatchNorm modules that fused convs compute but do not hold
+    as their child, and the parent's forward then raises.)
+
+    Args:
+        module (nn.Module): changed in place.
+        process_group: a ``torch.distributed`` group; None means the default (WORLD) group
+            at run time.
+    Returns:
+        ``module`` (the same object), or a SyncBatchNorm if ``module`` itself is a plain
+        BatchNorm (as torch's function).
+    """
+    fused_bns = set()
+    for m in module.modules():
+        if isinstance(m, _ConvBnNd):
+            m.process_group = process_group if process_group is not None else _WorldGroup()
+            fused_bns.add(id(m.bn))
+    return _sync_unfused(module, process_group, fused_bns)
+
+
+class _WorldGroup:
+    """Placeholder for 'the default process group', resolved when a forward needs it (the
+    group may not exist yet when a model is converted)."""
+
+    def __reduce__(self):
+        return (_WorldGroup, ())
+
+
+def _sync_unfused(module: nn.Module, process_group, fused_bns: set) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module) not in fused_bns \
+            and not isinstance(module, (nn.SyncBatchNorm, FoldedBatchNorm2d)):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            new = _sync_unfused(child, process_group, fused_bns)
+            if new is not child:
+                module._modules[name] = new
+    return module
 
 
 class AddReLU(nn.Module):

@@ -18,8 +18,9 @@ from ..nn import ConvBn2d, ConvBnAddReLU2d, ConvBnReLU2d, Conv2d, FoldedBatchNor
 Tensor = torch.Tensor
 
 
-def _fused(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-    return cls.from_modules(conv, bn, register_bn=False)
+def _fused(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, owner: nn.Module):
+    """A fused module computing ``bn``, which stays registered in ``owner`` beside it."""
+    return cls.from_modules(conv, bn, register_bn=False)._bind_bn_owner(owner)
 
 
 class BasicBlock(nn.Module):
@@ -35,9 +36,9 @@ class BasicBlock(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
         super().__init__()
         bn1, bn2 = nn.BatchNorm2d(planes), nn.BatchNorm2d(planes)
-        self.conv1 = _fused(ConvBnReLU2d, Conv2d(inplanes, planes, 3, stride, 1, bias=False), bn1)
+        self.conv1 = _fused(ConvBnReLU2d, Conv2d(inplanes, planes, 3, stride, 1, bias=False), bn1, self)
         self.bn1 = bn1
-        self.conv2 = _fused(ConvBnAddReLU2d, Conv2d(planes, planes, 3, 1, 1, bias=False), bn2)
+        self.conv2 = _fused(ConvBnAddReLU2d, Conv2d(planes, planes, 3, 1, 1, bias=False), bn2, self)
         self.bn2 = bn2
         self.downsample = downsample
         self.stride = stride
@@ -51,9 +52,9 @@ class BasicBlock(nn.Module):
         """A fused block sharing a torchvision (or timm) BasicBlock's Parameters and buffers."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.conv1 = _fused(ConvBnReLU2d, block.conv1, block.bn1)
+        new.conv1 = _fused(ConvBnReLU2d, block.conv1, block.bn1, new)
         new.bn1 = block.bn1
-        new.conv2 = _fused(ConvBnAddReLU2d, block.conv2, block.bn2)
+        new.conv2 = _fused(ConvBnAddReLU2d, block.conv2, block.bn2, new)
         new.bn2 = block.bn2
         new.downsample = _fuse_downsample(block.downsample)
         new.stride = block.stride if hasattr(block, "stride") else block.conv1.stride[0]
@@ -72,11 +73,11 @@ class Bottleneck(nn.Module):
     def from_torchvision(cls, block: nn.Module) -> "Bottleneck":
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.conv1 = _fused(ConvBnReLU2d, block.conv1, block.bn1)
+        new.conv1 = _fused(ConvBnReLU2d, block.conv1, block.bn1, new)
         new.bn1 = block.bn1
-        new.conv2 = _fused(ConvBnReLU2d, block.conv2, block.bn2)
+        new.conv2 = _fused(ConvBnReLU2d, block.conv2, block.bn2, new)
         new.bn2 = block.bn2
-        new.conv3 = _fused(ConvBnAddReLU2d, block.conv3, block.bn3)
+        new.conv3 = _fused(ConvBnAddReLU2d, block.conv3, block.bn3, new)
         new.bn3 = block.bn3
         new.downsample = _fuse_downsample(block.downsample)
         new.stride = block.stride if hasattr(block, "stride") else block.conv2.stride[0]
@@ -95,13 +96,17 @@ def _fuse_downsample(ds: Optional[nn.Module]) -> Optional[nn.Module]:
     if isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) in (nn.Conv2d, Conv2d) \
             and type(ds[1]) in (nn.BatchNorm2d, nn.SyncBatchNorm) and ds[1].num_features == ds[0].out_channels:
         folded = FoldedBatchNorm2d.sharing(ds[1])
-        return nn.Sequential(_fused(ConvBn2d, ds[0], folded), folded)
+        seq = nn.Sequential(ConvBn2d.from_modules(ds[0], folded, register_bn=False), folded)
+        seq[0]._bind_bn_owner(seq)
+        return seq
     return ds
 
 
 def _downsample(inplanes: int, planes: int, stride: int) -> nn.Sequential:
     bn = FoldedBatchNorm2d(planes)
-    return nn.Sequential(_fused(ConvBn2d, Conv2d(inplanes, planes, 1, stride, bias=False), bn), bn)
+    seq = nn.Sequential(ConvBn2d.from_modules(Conv2d(inplanes, planes, 1, stride, bias=False), bn, register_bn=False), bn)
+    seq[0]._bind_bn_owner(seq)
+    return seq
 
 
 class ResNet(nn.Module):
@@ -122,7 +127,7 @@ class ResNet(nn.Module):
         self.variant = variant
         bn1 = nn.BatchNorm2d(64)
         stem = Conv2d(3, 64, 7, 2, 3, bias=False) if variant == "imagenet" else Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.conv1 = _fused(ConvBnReLU2d, stem, bn1)
+        self.conv1 = _fused(ConvBnReLU2d, stem, bn1, self)
         self.bn1 = bn1
         self.maxpool = nn.MaxPool2d(3, 2, 1) if variant == "imagenet" else nn.Identity()
         self.inplanes = 64

@@ -54,7 +54,8 @@ class SyncConvBnTrain(torch.autograd.Function):
         )
         if running_mean is not None or running_var is not None:
             kernels.update_running_stats_(running_mean, running_var, mean, var_u, momentum)
-        out = kernels.scale_shift_act(y, a=a, b=b, residual=residual, relu=relu)
+        beta = torch.zeros_like(mean) if bn_bias is None else bn_bias.float()
+        out = kernels.scale_shift_act(y, a=a, b=beta, center=mean, residual=residual, relu=relu)
         ctx.geom, ctx.relu, ctx.group, ctx.kernels = geom, relu, process_group, kernels
         ctx.allow_tf32 = allow_tf32
         ctx.has_bias = bias is not None
@@ -79,6 +80,9 @@ class SyncConvBnTrain(torch.autograd.Function):
             sum_g, sum_gy = k.bn_backward_reduce(grad_out, out, y, mean, relu=ctx.relu, g_out=g)
         else:
             sum_g, sum_gy = k.bn_backward_reduce(grad_out, out, y, mean, relu=ctx.relu)
+        # gamma's and beta's gradients are this rank's share (as nn.SyncBatchNorm's: DDP then
+        # reduces them with every other parameter's); the input gradient needs the global sums.
+        local_g, local_gy = sum_g, sum_gy
         packed = torch.cat([sum_g, sum_gy])
         dist.all_reduce(packed, group=ctx.group)
         K = sum_g.shape[0]
@@ -101,6 +105,6 @@ class SyncConvBnTrain(torch.autograd.Function):
                                          want_grad_residual=nres, dy_dtype=x.dtype)
             gx, gw, gb = conv2d_backward(dy, x, weight, geom.stride, geom.padding, geom.dilation, geom.groups,
                                          nx, nw, nb and ctx.has_bias)
-        g_gamma = (sum_gy * invstd).to(bn_weight.dtype) if ngamma else None
-        g_beta = sum_g.to(ctx.beta_dtype) if nbeta else None
+        g_gamma = (local_gy * invstd).to(bn_weight.dtype) if ngamma else None
+        g_beta = local_g.to(ctx.beta_dtype) if nbeta else None
         return (gx, gw if nw else None, gb, g_gamma, g_beta, g_res if nres else None) + (None,) * 10
