@@ -53,7 +53,11 @@ OPCHECK_CASES = {
     "bn_backward_reduce": (
         torch.ops.resconv.triton_bn_backward_reduce.default,
         lambda: (_t(2, 8, 4, 4, grad=False), _t(2, 8, 4, 4, grad=False), _t(2, 8, 4, 4, grad=False),
-                 _t(8, grad=False), True),
+                 _t(8, grad=False), True, False),
+    ),
+    "bn_backward_reduce_writes_g": (
+        torch.ops.resconv.triton_bn_backward_reduce.default,
+        lambda: (_t(2, 8, 4, 4, grad=False, cl=True), _t(2, 8, 4, 4, grad=False, cl=True), None, None, True, True),
     ),
     "bn_backward_dy": (
         torch.ops.resconv.triton_bn_backward_dy.default,
