@@ -11,7 +11,8 @@ initial weights on the same batches in the same order, prints both loss curves s
 and checks the first steps and the final accuracy:
 
 * step 0 (identical weights, so a pure forward comparison) agrees within the output
-  tolerance of the dtype (``resconv.tolerances``);
+  tolerance of the dtype (``resconv.tolerances``) when there is no float64 run
+  (``--check-steps 0``); otherwise it is the first step of the rule below;
 * SGD amplifies rounding from the first update on (at initialisation, float32 gradients of
   ResNet-18 differ from float64 ones by a few percent for torch.nn itself), so for the next
   ``--check-steps`` steps both runs are also compared with torch.nn in float64 on the same
@@ -52,6 +53,11 @@ def add_parser(sub) -> None:
     p.add_argument("--check-steps", type=int, default=5,
                    help="--compare: the first N steps' losses must agree within tolerance (default 5)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    p.add_argument("--image-size", type=int, default=32,
+                   help="side of the training images in pixels (default 32; the digits are 8x8 originals, "
+                        "upscaled bilinearly; CIFAR-10 is resized when not 32)")
+    p.add_argument("--eval-images", type=int, default=None, metavar="N",
+                   help="measure test accuracy on the first N test images only (smoke runs; default all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write losses and accuracies as JSON")
     p.set_defaults(func=run)
@@ -60,9 +66,9 @@ def add_parser(sub) -> None:
 # ----------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------
-def load_digits(seed: int):
-    """scikit-learn's digits as (x_train, y_train, x_test, y_test): Tensor[n, 3, 32, 32] fp32
-    normalised to zero mean / unit variance, int64 labels."""
+def load_digits(seed: int, size: int = 32):
+    """scikit-learn's digits as (x_train, y_train, x_test, y_test): Tensor[n, 3, size, size]
+    fp32 normalised to zero mean / unit variance, int64 labels."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -71,7 +77,9 @@ def load_digits(seed: int):
 
     d = sk_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # [n, 1, 8, 8] in [0, 1]
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.repeat(1, 3, 1, 1)
     y = torch.from_numpy(d.target.astype(np.int64))
     idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=0.2, stratify=d.target, random_state=seed)
     mean, std = x[idx_tr].mean(), x[idx_tr].std()
@@ -195,12 +203,25 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(device_name)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
+    if args.image_size < 4:
+        print(f"resconv train: --image-size must be at least 4, got {args.image_size}", file=sys.stderr)
+        return 2
+    if args.eval_images is not None and args.eval_images < 1:
+        print(f"resconv train: --eval-images must be at least 1, got {args.eval_images}", file=sys.stderr)
+        return 2
     if args.data:
         xtr, ytr, xte, yte = load_cifar10(args.data)
+        if args.image_size != 32:
+            import torch.nn.functional as F
+
+            xtr, xte = (F.interpolate(t, size=(args.image_size,) * 2, mode="bilinear", align_corners=False)
+                        for t in (xtr, xte))
         dataset, epochs = "cifar10", args.epochs or 10
     else:
-        xtr, ytr, xte, yte = load_digits(args.seed)
+        xtr, ytr, xte, yte = load_digits(args.seed, args.image_size)
         dataset, epochs = "digits", args.epochs or 3
+    if args.eval_images is not None:
+        xte, yte = xte[: args.eval_images], yte[: args.eval_images]
     steps_per_epoch = (len(ytr) + args.batch_size - 1) // args.batch_size
     schedule_steps = epochs * steps_per_epoch  # the schedule is the full run's; --max-steps cuts it short
     steps = schedule_steps if args.max_steps is None else min(args.max_steps, schedule_steps)
@@ -216,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
         ref64.load_state_dict(model.state_dict())
         fp64 = Trainer(ref64.double(), device, torch.float64, args, schedule_steps)
     runs["resconv"] = Trainer(model, device, dtype, args, schedule_steps)
-    print(f"resconv train: {dataset} ({len(ytr)} train / {len(yte)} test, 3x32x32), ResNet-18 (CIFAR stem), "
+    print(f"resconv train: {dataset} ({len(ytr)} train / {len(yte)} test, 3x{args.image_size}x{args.image_size}), "
+          f"ResNet-18 (CIFAR stem), "
           f"device={device}, backend={args.backend}, dtype={args.dtype}, {epochs} epochs, batch {args.batch_size}, "
           f"{steps} steps{', vs torch.nn' if args.compare else ''}")
 
@@ -260,7 +282,8 @@ def _report(args, runs, acc, elapsed, dataset, dtype, T, losses64) -> int:
     ok = True
     for n in names:
         print(f"test accuracy {n}: {acc[n]:.2%}")
-    if dataset == "digits" and args.max_steps is None:
+    full_run = args.max_steps is None and args.eval_images is None  # the accuracy claims need the whole run
+    if dataset == "digits" and full_run:
         for n in names:
             if acc[n] < DIGITS_ACCURACY_TARGET:
                 print(f"FAIL: {n} reached {acc[n]:.2%} < {DIGITS_ACCURACY_TARGET:.0%} on digits")
@@ -268,7 +291,7 @@ def _report(args, runs, acc, elapsed, dataset, dtype, T, losses64) -> int:
     if len(names) > 1:
         ok = _check_curves(losses["resconv"], losses["torch.nn"], losses64, dtype, T) and ok
         gap = abs(acc["resconv"] - acc["torch.nn"])
-        if args.max_steps is None and gap > MAX_ACCURACY_GAP:
+        if full_run and gap > MAX_ACCURACY_GAP:
             print(f"FAIL: accuracies differ by {gap:.2%} > {MAX_ACCURACY_GAP:.0%}")
             ok = False
     print(f"{nsteps} steps in {elapsed:.1f} s: {'PASS' if ok else 'FAIL'}")
@@ -287,7 +310,11 @@ def _check_curves(ours, theirs, ref64, dtype, T) -> bool:
     out_tol = T.tolerance(dtype)
     ok = True
     d0 = abs(ours[0] - theirs[0]) / max(abs(theirs[0]), 1e-12)
-    if d0 > out_tol.rtol + out_tol.atol:
+    if not ref64 and d0 > out_tol.rtol + out_tol.atol:
+        # Without the float64 run (--check-steps 0) only the direct comparison is left. With it,
+        # step 0 is judged against float64 like the others: with few values per channel in a
+        # BatchNorm (small batches or images), torch.nn's own float32 loss is farther from
+        # float64 than this tolerance.
         print(f"FAIL: step 0 losses differ by {d0:.2e} (relative), above {out_tol.rtol + out_tol.atol:.1e}")
         ok = False
     tol = T.tolerance(dtype, grad=True)
