@@ -57,3 +57,19 @@ def device() -> str:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def randomise_bn(model):
+    """Give every BatchNorm2d of ``model`` non-trivial affine parameters and running
+    statistics (fresh uniform draws), so that BatchNorm cannot pass by being the identity."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+

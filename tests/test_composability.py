@@ -24,7 +24,7 @@ import resconv.nn as rnn
 from resconv import tolerances as T
 from resconv.models import resnet18
 from resconv.models.resnet import BasicBlock, _downsample
-from conftest import gpu_available, test_device
+from conftest import gpu_available, randomise_bn, test_device
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -44,17 +44,6 @@ def _close(a, b, dtype=torch.float32, factor=1.0):
     tol = T.tolerance(dtype)
     cmp = T.compare(a, b, T.Tolerance(tol.rtol * factor, tol.atol * factor))
     assert cmp.ok, str(cmp)
-
-
-def _randomise_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
 
 
 class SmallNet(nn.Module):
@@ -77,7 +66,7 @@ def test_compile_resnet18_fullgraph(mode, backend):
     """fullgraph=True: any graph break raises. Compiled equals eager resconv."""
     torch._dynamo.reset()
     dev = _dev(backend)
-    model = _backend(_randomise_bn(resnet18(num_classes=10, variant="cifar")), backend).to(dev)
+    model = _backend(randomise_bn(resnet18(num_classes=10, variant="cifar")), backend).to(dev)
     model.train(mode == "train")
     twin = copy.deepcopy(model)
     x = torch.randn(2, 3, 16, 16, device=dev)
@@ -103,7 +92,7 @@ def test_compile_training_block_fullgraph(backend):
     autograd, running-statistics mutation) compiles with Inductor without graph breaks."""
     torch._dynamo.reset()
     dev = _dev(backend)
-    model = _backend(_randomise_bn(SmallNet()), backend).to(dev).train()
+    model = _backend(randomise_bn(SmallNet()), backend).to(dev).train()
     twin = copy.deepcopy(model)
     x = torch.randn(4, 3, 8, 8, device=dev)
     compiled = torch.compile(twin, fullgraph=True)
@@ -122,7 +111,7 @@ def test_compile_training_block_fullgraph(backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_export_eval_resnet18(backend):
     dev = _dev(backend)
-    model = _backend(_randomise_bn(resnet18(num_classes=10, variant="cifar")), backend).to(dev).eval()
+    model = _backend(randomise_bn(resnet18(num_classes=10, variant="cifar")), backend).to(dev).eval()
     x = torch.randn(2, 3, 16, 16, device=dev)
     exported = torch.export.export(model, (x,))
     code = str(exported.graph_module.code)
@@ -145,7 +134,7 @@ def test_cuda_graph_capture_and_replay(backend):
     if reason is not None:
         pytest.skip(f"backend {backend} unavailable: {reason}")
     torch.manual_seed(0)
-    model = _backend(_randomise_bn(SmallNet(width=32)), backend).cuda().train()
+    model = _backend(randomise_bn(SmallNet(width=32)), backend).cuda().train()
     model = model.to(memory_format=torch.channels_last)
     twin = copy.deepcopy(model)
     static_x = torch.randn(8, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
@@ -193,7 +182,7 @@ def _ddp_worker(rank, world, init_file, backend, out_path):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = _backend(_randomise_bn(SmallNet()), backend).to(_dev(backend)).train()
+        model = _backend(randomise_bn(SmallNet()), backend).to(_dev(backend)).train()
         resconv.nn.convert_sync_batchnorm(model)
         ddp = DDP(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -228,7 +217,7 @@ def test_ddp_with_sync_batchnorm_matches_single_process(tmp_path, backend):
     got = torch.load(out_path)
 
     torch.manual_seed(0)
-    model = _backend(_randomise_bn(SmallNet()), backend).to(_dev(backend)).train()
+    model = _backend(randomise_bn(SmallNet()), backend).to(_dev(backend)).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     losses = []
     for x, y in zip(*_global_batch()):
@@ -301,7 +290,7 @@ def test_sync_batchnorm_two_ranks_matches_batchnorm_on_the_whole_batch(tmp_path,
     data = {}
     for name in ("bn-relu", "bn-add-relu"):
         ref_conv = nn.Conv2d(8, 16, 3, padding=1, bias=True)
-        ref_bn = _randomise_bn(nn.BatchNorm2d(16, momentum=None if name == "bn-relu" else 0.3))
+        ref_bn = randomise_bn(nn.BatchNorm2d(16, momentum=None if name == "bn-relu" else 0.3))
         fused = rnn.ConvBnReLU2d.from_modules(ref_conv, ref_bn)
         data[name] = dict(state=copy.deepcopy(fused.state_dict()), x=torch.randn(6, 8, 5, 7),
                           res=torch.randn(6, 16, 5, 7), g=[torch.randn(6, 16, 5, 7) for _ in range(2)],
@@ -342,7 +331,7 @@ def test_sync_batchnorm_two_ranks_matches_batchnorm_on_the_whole_batch(tmp_path,
 # ---- state_dict, deepcopy, pickle --------------------------------------------------------------
 def test_state_dict_round_trip_with_torchvision():
     """torchvision -> resconv -> torchvision: the same keys, values and logits both ways."""
-    tv = _randomise_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    tv = randomise_bn(torchvision.models.resnet18(num_classes=10)).eval()
     ours = _backend(resnet18(num_classes=10), "torch").eval()
     ours.load_state_dict(tv.state_dict())
     back = torchvision.models.resnet18(num_classes=10).eval()
@@ -360,7 +349,7 @@ def test_state_dict_round_trip_with_torchvision():
 def test_resnet18_deepcopy_and_pickle(how):
     """A copy is independent (its own Parameters and buffers), computes the same, and its
     fused convs read its own BatchNorms (training one does not move the other's statistics)."""
-    model = _backend(_randomise_bn(resnet18(num_classes=10, variant="cifar")), "torch")
+    model = _backend(randomise_bn(resnet18(num_classes=10, variant="cifar")), "torch")
     twin = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
     x = torch.randn(2, 3, 16, 16)
     model.eval()

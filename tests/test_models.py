@@ -11,20 +11,9 @@ from torch import nn
 import resconv
 from resconv import tolerances as T
 from resconv.models import resnet18
-from conftest import test_device
+from conftest import randomise_bn, test_device
 
 torchvision = pytest.importorskip("torchvision")
-
-
-def _randomise_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
 
 
 def _backend(model, name):
@@ -59,7 +48,7 @@ def _grad_close_as_torch_nn(name, grad, ref, peer):
 
 
 def test_imagenet_variant_has_torchvision_keys_and_logits():
-    tv = _randomise_bn(torchvision.models.resnet18())
+    tv = randomise_bn(torchvision.models.resnet18())
     ours = resnet18()
     sd_ours, sd_tv = ours.state_dict(), tv.state_dict()
     assert list(sd_ours) == list(sd_tv)
@@ -87,7 +76,7 @@ def test_imagenet_resnet18_train_step_matches_torchvision(backend):
     distance to float64 (resconv.tolerances.compare_with_peer)."""
     dev = test_device() if backend == "triton" else "cpu"
     dtype = torch.float32 if backend == "triton" else torch.float64
-    tv = _randomise_bn(torchvision.models.resnet18(num_classes=10))
+    tv = randomise_bn(torchvision.models.resnet18(num_classes=10))
     ours = _backend(resnet18(num_classes=10), backend)
     for m in ours.modules():
         if hasattr(m, "allow_tf32"):
@@ -141,7 +130,7 @@ def test_convert_and_revert_model_zoo(zoo, arch, n_fused, mode):
     """convert() computes the same function: the converted model, run in float64 (torch
     backend), gives the original float64 model's outputs, parameter gradients and running
     statistics to float64 rounding; the kernels' own precision is the conformance tests'."""
-    model = _randomise_bn(_zoo_model(zoo, arch)).double()
+    model = randomise_bn(_zoo_model(zoo, arch)).double()
     reference = copy.deepcopy(model)
     keys = list(model.state_dict())
     params = {n: p for n, p in model.named_parameters()}
@@ -191,7 +180,7 @@ def test_convert_sequential_patterns_and_report():
         nn.Conv2d(8, 4, 3), nn.ReLU(),  # no BatchNorm: left alone
         nn.Conv2d(4, 4, 3), nn.BatchNorm2d(5 - 1 + 0),  # same channels: fused
     )
-    _randomise_bn(seq)
+    randomise_bn(seq)
     ref = copy.deepcopy(seq).double().eval()
     keys = list(seq.state_dict())
     _, report = resconv.convert(seq, return_report=True)
