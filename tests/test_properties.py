@@ -68,6 +68,7 @@ class Config:
     dtype: str
     fmt: str  # 'nchw', 'nhwc', 'strided'
     backend: str
+    seed: int = 0  # of the random tensors: a failing example replays (and shrinks) exactly
 
     @property
     def C(self):
@@ -114,6 +115,7 @@ def configs(draw) -> Config:
     c = Config(N, groups, cg, kg, H, W, kernel, stride, dilation, padding, "zeros", draw(st.booleans()), bn,
                draw(st.booleans()), draw(st.booleans()), draw(st.sampled_from(list(DTYPES))),
                draw(st.sampled_from(["nchw", "nhwc", "strided"])), draw(st.sampled_from(["torch", "triton"])))
+    c = dataclasses.replace(c, seed=draw(st.integers(0, 2**31 - 1)))
     ph, pw = _pads(c)
     hypothesis.assume(H + ph >= eff[0] and W + pw >= eff[1])  # the kernel fits the padded input
     if padding not in ("valid",) and (ph or pw):
@@ -155,6 +157,7 @@ def _input(c: Config, dtype, dev):
 
 
 def check_config(c: Config) -> None:
+    torch.manual_seed(c.seed)
     dtype = DTYPES[c.dtype]
     dev = test_device() if c.backend == "triton" else "cpu"
     conv, bn = _reference_modules(c)
@@ -190,8 +193,16 @@ def check_config(c: Config) -> None:
         y = y + res.double().cpu()
     tol = T.tolerance(dtype)
     ref = torch.relu(y) if c.relu else y
+    xhat_err = _stored_y_error(conv, bn, xr.detach(), dtype) if train else None
+    out_tol = tol
+    if xhat_err is not None and ref.numel() and ref.abs().max() > 0:
+        # Training stores the conv output y in the input dtype (as torch.nn's Conv2d output
+        # is) before normalising: its rounding, amplified by invstd where the batch's spread
+        # is small against |y|, is an error floor torch.nn has too.
+        floor = (xhat_err * bn.weight.detach().abs()).max().item()
+        out_tol = T.Tolerance(tol.rtol, tol.atol + floor / ref.abs().max().item())
     assert out.dtype == dtype and tuple(out.shape) == tuple(ref.shape)
-    cmp = T.compare(out, ref, tol)
+    cmp = T.compare(out, ref, out_tol)
     assert cmp.ok, f"output: {cmp}"
     if x.dim() == 4 and out.numel() and c.fmt != "strided":
         fmt = torch.channels_last if c.fmt == "nhwc" and not x.is_contiguous() else torch.contiguous_format
@@ -211,6 +222,10 @@ def check_config(c: Config) -> None:
                                    ("grad weight", w.grad, conv.weight.grad, scale_w),
                                    ("grad gamma", gamma.grad, bn.weight.grad, None)):
         tol = gtol
+        if name == "grad gamma" and want.numel() and want.abs().max() > 0:
+            # sum(g * x_hat): the stored-y floor above, summed over the channel
+            floor = (g.double().abs() * mask).sum(dim=(0, 2, 3)).mul(xhat_err).max().item()
+            tol = T.Tolerance(gtol.rtol, gtol.atol + floor / want.abs().max().item())
         if scale is not None and want.numel() and want.abs().max() > 0:
             # dBN subtracts the batch means of gamma*invstd*g and of its product with x_hat
             # from gamma*invstd*g: with few values per channel the result cancels (with 2 it is
@@ -224,14 +239,30 @@ def check_config(c: Config) -> None:
         assert cmp.ok, f"{name}: {cmp}"
 
 
-def _dbn_term_scales(c: Config, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, g: torch.Tensor):
-    """max over elements of sum |terms| of the input and weight gradients, with the dBN
-    input-gradient terms bounded by |gamma * invstd * g|: (max of conv_transpose(|a g|, |W|),
-    max of the wgrad of |x| and |a g|), through the same padding mode."""
+def _stored_y_error(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per channel, the largest error of x_hat = (y - mean) * invstd that one rounding of y
+    to ``dtype`` makes: eps(dtype) * max|y| * invstd (Tensor[K], float64)."""
     with torch.no_grad():
         y0 = conv(x)
+        if y0.numel() == 0:
+            return torch.zeros(y0.shape[1], dtype=torch.float64)
         invstd = (y0.var(dim=(0, 2, 3), unbiased=False) + bn.eps).rsqrt()
-        ag = (bn.weight.double() * invstd).abs().view(1, -1, 1, 1) * g.abs()
+        return torch.finfo(dtype).eps * y0.abs().amax(dim=(0, 2, 3)) * invstd
+
+
+def _dbn_term_scales(c: Config, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, g: torch.Tensor):
+    """max over elements of sum |terms| of the input and weight gradients. The dBN gradient
+    dy = a * (g - mean(g) - x_hat * mean(g * x_hat)), a = gamma * invstd, has terms bounded by
+    T = |a| * (|g| + mean|g| + |x_hat| * mean|g * x_hat|); returns (max of
+    conv_transpose(T, |W|), max of the wgrad of |x| and T), through the same padding mode."""
+    with torch.no_grad():
+        y0 = conv(x)
+        var, mean = torch.var_mean(y0, dim=(0, 2, 3), correction=0)
+        invstd = (var + bn.eps).rsqrt()
+        xhat = (y0 - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+        ga = g.abs()
+        terms = ga + ga.mean(dim=(0, 2, 3), keepdim=True) + xhat.abs() * (ga * xhat.abs()).mean(dim=(0, 2, 3), keepdim=True)
+        ag = (bn.weight.double() * invstd).abs().view(1, -1, 1, 1) * terms
     conv_abs = nn.Conv2d(c.C, c.K, c.kernel, c.stride, c.padding, c.dilation, c.groups, False, c.padding_mode,
                          dtype=torch.float64)
     with torch.no_grad():
@@ -241,8 +272,22 @@ def _dbn_term_scales(c: Config, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Te
     return xa.grad.abs().max().item(), conv_abs.weight.grad.abs().max().item()
 
 
+def _pinned(**kw) -> Config:
+    base = dict(N=2, groups=1, cg=1, kg=1, H=1, W=1, kernel=(1, 1), stride=(1, 1), dilation=(1, 1), padding=0,
+                padding_mode="zeros", bias=False, bn="train", residual=False, relu=False, dtype="float32",
+                fmt="nchw", backend="torch", seed=0)
+    return Config(**{**base, **kw})
+
+
 @settings(settings.get_profile(PROFILE))
 @given(configs())
+# Shrunk failures, pinned. Two values per channel: dBN's input gradient cancels to 0 exactly,
+# so it is judged on the scale of its terms (the first run of the ci profile found it).
+@example(_pinned())
+# fp16 training, two close values per channel: the stored fp16 y's rounding, amplified by
+# invstd, in the output and in gamma's gradient (the long profile found both).
+@example(_pinned(padding="same", dtype="float16", backend="triton", seed=2138))
+@example(_pinned(padding="same", dtype="float16", backend="triton", seed=90))
 def test_random_configurations_match_torch_nn(c):
     hypothesis.event(f"backend={c.backend}")
     hypothesis.event(f"bn={c.bn}")
