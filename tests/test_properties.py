@@ -183,6 +183,7 @@ def check_config(c: Config) -> None:
         gamma = bn.weight.detach().float().to(dev).requires_grad_(train)
         beta = bn.bias.detach().float().to(dev)
         rm, rv = bn.running_mean.detach().float().to(dev), bn.running_var.detach().float().to(dev)
+        rm0 = bn.running_mean.detach().clone()
         out = RF.conv_bn2d(x, w, b, rm, rv, gamma, beta, train, bn.momentum, bn.eps, *args, **kw)
 
     xr = x.detach().double().cpu().requires_grad_(train)
@@ -211,16 +212,16 @@ def check_config(c: Config) -> None:
     if not train or out.numel() == 0:
         return
     if c.relu:  # the activation pattern our forward produced, where it is ambiguous
-        y = y * T.relu_mask_for_reference(y, out, tol)
+        y = y * T.relu_mask_for_reference(y, out, out_tol)
     g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
     mask = (y != 0).double() if c.relu else torch.ones_like(y)
     out.backward(g.to(dev))
     y.backward(g.double())
     gtol = T.tolerance(dtype, grad=True)
-    scale_x, scale_w = _dbn_term_scales(c, conv, bn, xr.detach(), g.double() * mask)
-    for name, got, want, scale in (("grad input", x.grad, xr.grad, scale_x),
-                                   ("grad weight", w.grad, conv.weight.grad, scale_w),
-                                   ("grad gamma", gamma.grad, bn.weight.grad, None)):
+    scale_x, scale_w, floor_x, floor_w = _dbn_term_scales(c, conv, bn, xr.detach(), g.double() * mask, xhat_err)
+    for name, got, want, scale, floor in (("grad input", x.grad, xr.grad, scale_x, floor_x),
+                                          ("grad weight", w.grad, conv.weight.grad, scale_w, floor_w),
+                                          ("grad gamma", gamma.grad, bn.weight.grad, None, None)):
         tol = gtol
         if name == "grad gamma" and want.numel() and want.abs().max() > 0:
             # sum(g * x_hat): the stored-y floor above, summed over the channel
@@ -231,11 +232,23 @@ def check_config(c: Config) -> None:
             # from gamma*invstd*g: with few values per channel the result cancels (with 2 it is
             # 0 exactly), for torch.nn too. The error bound of such sums is relative to the
             # sum of the terms' magnitudes, not to the result.
-            tol = T.Tolerance(gtol.rtol, gtol.atol * max(1.0, scale / want.abs().max().item()))
+            # plus the stored-y floor, propagated the same way.
+            peak = want.abs().max().item()
+            tol = T.Tolerance(gtol.rtol, gtol.atol * max(1.0, scale / peak) + floor / peak)
         cmp = T.compare(got, want, tol)
         assert cmp.ok, f"{name}: {cmp}"
-    for name, got, want in (("running_mean", rm, bn.running_mean), ("running_var", rv, bn.running_var)):
-        cmp = T.compare(got, want, T.tolerance(dtype))
+    otol = T.tolerance(dtype)
+    with torch.no_grad():
+        var_u, mean = torch.var_mean(conv(xr.detach()), dim=(0, 2, 3), correction=1)
+    # (1 - m) * running + m * batch_mean can cancel to near 0: its error is on the scale of
+    # the terms, and the batch mean's on that of the batch's spread.
+    m = bn.momentum
+    mean_scale = ((1 - m) * rm0.abs() + m * (mean.abs() + var_u.clamp_min(0).sqrt())).max().item()
+    peak = bn.running_mean.abs().max().item()
+    mean_tol = T.Tolerance(otol.rtol, otol.atol * max(1.0, mean_scale / peak) if peak > 0 else otol.atol)
+    for name, got, want, tol in (("running_mean", rm, bn.running_mean, mean_tol),
+                                 ("running_var", rv, bn.running_var, otol)):
+        cmp = T.compare(got, want, tol)
         assert cmp.ok, f"{name}: {cmp}"
 
 
@@ -250,26 +263,40 @@ def _stored_y_error(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, dtype:
         return torch.finfo(dtype).eps * y0.abs().amax(dim=(0, 2, 3)) * invstd
 
 
-def _dbn_term_scales(c: Config, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, g: torch.Tensor):
-    """max over elements of sum |terms| of the input and weight gradients. The dBN gradient
-    dy = a * (g - mean(g) - x_hat * mean(g * x_hat)), a = gamma * invstd, has terms bounded by
-    T = |a| * (|g| + mean|g| + |x_hat| * mean|g * x_hat|); returns (max of
-    conv_transpose(T, |W|), max of the wgrad of |x| and T), through the same padding mode."""
+def _dbn_term_scales(c: Config, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, g: torch.Tensor,
+                     xhat_err: torch.Tensor) -> tuple[float, float, float, float]:
+    """Error scales of the input and weight gradients of training BatchNorm.
+
+    dBN's gradient dy = a * (g - mean(g) - x_hat * mean(g * x_hat)), a = gamma * invstd, has
+    terms bounded by T = |a| * (|g| + mean|g| + |x_hat| * mean|g * x_hat|), and x_hat, formed
+    from the stored y, carries the error d = xhat_err (:func:`_stored_y_error`), which moves
+    dy by up to D = |a| * (d * mean|g * x_hat| + |x_hat| * mean|g| * d + d * mean|g| * d).
+    Returns the largest element of T and of D taken through the conv's backward with |W|
+    (input gradient) and |x| (weight gradient), same padding mode:
+    (T_x, T_w, D_x, D_w). Rounding in the sums is relative to T; D is an absolute floor.
+    """
     with torch.no_grad():
         y0 = conv(x)
         var, mean = torch.var_mean(y0, dim=(0, 2, 3), correction=0)
         invstd = (var + bn.eps).rsqrt()
-        xhat = (y0 - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+        xhat = ((y0 - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)).abs()
         ga = g.abs()
-        terms = ga + ga.mean(dim=(0, 2, 3), keepdim=True) + xhat.abs() * (ga * xhat.abs()).mean(dim=(0, 2, 3), keepdim=True)
-        ag = (bn.weight.double() * invstd).abs().view(1, -1, 1, 1) * terms
-    conv_abs = nn.Conv2d(c.C, c.K, c.kernel, c.stride, c.padding, c.dilation, c.groups, False, c.padding_mode,
-                         dtype=torch.float64)
-    with torch.no_grad():
-        conv_abs.weight.copy_(conv.weight.abs())
-    xa = x.abs().requires_grad_()
-    (conv_abs(xa) * ag).sum().backward()
-    return xa.grad.abs().max().item(), conv_abs.weight.grad.abs().max().item()
+        a = (bn.weight.double() * invstd).abs().view(1, -1, 1, 1)
+        d = xhat_err.view(1, -1, 1, 1)
+        m_gx = (ga * xhat).mean(dim=(0, 2, 3), keepdim=True)
+        m_g = ga.mean(dim=(0, 2, 3), keepdim=True)
+        terms = a * (ga + m_g + xhat * m_gx)
+        shift = a * (d * m_gx + xhat * m_g * d + d * m_g * d)
+    out = []
+    for dy in (terms, shift):
+        conv_abs = nn.Conv2d(c.C, c.K, c.kernel, c.stride, c.padding, c.dilation, c.groups, False, c.padding_mode,
+                             dtype=torch.float64)
+        with torch.no_grad():
+            conv_abs.weight.copy_(conv.weight.abs())
+        xa = x.abs().requires_grad_()
+        (conv_abs(xa) * dy).sum().backward()
+        out += [xa.grad.abs().max().item(), conv_abs.weight.grad.abs().max().item()]
+    return out[0], out[1], out[2], out[3]
 
 
 def _pinned(**kw) -> Config:
@@ -288,6 +315,11 @@ def _pinned(**kw) -> Config:
 # invstd, in the output and in gamma's gradient (the long profile found both).
 @example(_pinned(padding="same", dtype="float16", backend="triton", seed=2138))
 @example(_pinned(padding="same", dtype="float16", backend="triton", seed=90))
+@example(_pinned(padding="same", bias=True, dtype="bfloat16", backend="triton", seed=2139))  # and in dBN
+@example(_pinned(groups=3, kg=4, padding="same", bias=True, relu=True, dtype="bfloat16", fmt="strided",
+                 backend="triton", seed=483))  # the same in wgrad, where x_hat's error exceeds 1
+# the running mean's update cancelling to near zero (the long profile)
+@example(_pinned(H=5, W=11, kernel=(4, 5), stride=(2, 2), dilation=(1, 2), fmt="strided", seed=314011))
 def test_random_configurations_match_torch_nn(c):
     hypothesis.event(f"backend={c.backend}")
     hypothesis.event(f"bn={c.bn}")
