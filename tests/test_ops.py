@@ -121,6 +121,18 @@ def test_available_backends_reports_reasons():
     assert all(v is None or isinstance(v, str) and v for v in av.values())
 
 
+def test_import_registers_every_triton_op():
+    """A cached compiled graph (Inductor's FX cache, another process) may call any op first."""
+    import subprocess
+    import sys
+
+    code = ("import torch, resconv; names = ['triton_conv2d_fprop', 'triton_conv2d_bn_train', 'triton_add_relu', "
+            "'triton_bn_update_running_stats_', 'triton_bn_backward_reduce', 'triton_bn_backward_dy', "
+            "'triton_conv2d_dgrad', 'triton_conv2d_wgrad']; print(all(hasattr(torch.ops.resconv, n) for n in names))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True", out.stderr
+
+
 def test_import_does_not_import_triton():
     import subprocess
     import sys

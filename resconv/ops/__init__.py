@@ -167,4 +167,8 @@ def _cuda_backend():
 
 
 BACKENDS = {"torch": TorchBackend(), "triton": TritonBackend(), "cuda": _cuda_backend()}
+
+# Register every Triton op now (their modules import no triton): a graph compiled in another
+# process and loaded from Inductor's cache calls them before any resconv code has run here.
+from . import triton_conv_backward as _triton_conv_backward  # noqa: E402,F401
 AUTO_ORDER = ("cuda", "triton", "torch")
