@@ -73,3 +73,12 @@ def randomise_bn(model):
                 m.running_var.uniform_(0.5, 2.0)
     return model
 
+
+def set_backend(model, name):
+    """Force backend ``name`` on every resconv module of ``model`` (their ``backend``
+    attribute); returns ``model``."""
+    for m in model.modules():
+        if hasattr(m, "backend"):
+            m.backend = name
+    return model
+

@@ -24,16 +24,9 @@ import resconv.nn as rnn
 from resconv import tolerances as T
 from resconv.models import resnet18
 from resconv.models.resnet import BasicBlock, _downsample
-from conftest import gpu_available, randomise_bn, test_device
+from conftest import gpu_available, randomise_bn, set_backend, test_device
 
 torchvision = pytest.importorskip("torchvision")
-
-
-def _backend(model, name):
-    for m in model.modules():
-        if hasattr(m, "backend"):
-            m.backend = name
-    return model
 
 
 def _dev(backend):
@@ -66,7 +59,7 @@ def test_compile_resnet18_fullgraph(mode, backend):
     """fullgraph=True: any graph break raises. Compiled equals eager resconv."""
     torch._dynamo.reset()
     dev = _dev(backend)
-    model = _backend(randomise_bn(resnet18(num_classes=10, variant="cifar")), backend).to(dev)
+    model = set_backend(randomise_bn(resnet18(num_classes=10, variant="cifar")), backend).to(dev)
     model.train(mode == "train")
     twin = copy.deepcopy(model)
     x = torch.randn(2, 3, 16, 16, device=dev)
@@ -92,7 +85,7 @@ def test_compile_training_block_fullgraph(backend):
     autograd, running-statistics mutation) compiles with Inductor without graph breaks."""
     torch._dynamo.reset()
     dev = _dev(backend)
-    model = _backend(randomise_bn(SmallNet()), backend).to(dev).train()
+    model = set_backend(randomise_bn(SmallNet()), backend).to(dev).train()
     twin = copy.deepcopy(model)
     x = torch.randn(4, 3, 8, 8, device=dev)
     compiled = torch.compile(twin, fullgraph=True)
@@ -111,7 +104,7 @@ def test_compile_training_block_fullgraph(backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_export_eval_resnet18(backend):
     dev = _dev(backend)
-    model = _backend(randomise_bn(resnet18(num_classes=10, variant="cifar")), backend).to(dev).eval()
+    model = set_backend(randomise_bn(resnet18(num_classes=10, variant="cifar")), backend).to(dev).eval()
     x = torch.randn(2, 3, 16, 16, device=dev)
     exported = torch.export.export(model, (x,))
     code = str(exported.graph_module.code)
@@ -134,7 +127,7 @@ def test_cuda_graph_capture_and_replay(backend):
     if reason is not None:
         pytest.skip(f"backend {backend} unavailable: {reason}")
     torch.manual_seed(0)
-    model = _backend(randomise_bn(SmallNet(width=32)), backend).cuda().train()
+    model = set_backend(randomise_bn(SmallNet(width=32)), backend).cuda().train()
     model = model.to(memory_format=torch.channels_last)
     twin = copy.deepcopy(model)
     static_x = torch.randn(8, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
@@ -182,7 +175,7 @@ def _ddp_worker(rank, world, init_file, backend, out_path):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = _backend(randomise_bn(SmallNet()), backend).to(_dev(backend)).train()
+        model = set_backend(randomise_bn(SmallNet()), backend).to(_dev(backend)).train()
         resconv.nn.convert_sync_batchnorm(model)
         ddp = DDP(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -217,7 +210,7 @@ def test_ddp_with_sync_batchnorm_matches_single_process(tmp_path, backend):
     got = torch.load(out_path)
 
     torch.manual_seed(0)
-    model = _backend(randomise_bn(SmallNet()), backend).to(_dev(backend)).train()
+    model = set_backend(randomise_bn(SmallNet()), backend).to(_dev(backend)).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     losses = []
     for x, y in zip(*_global_batch()):
@@ -332,7 +325,7 @@ def test_sync_batchnorm_two_ranks_matches_batchnorm_on_the_whole_batch(tmp_path,
 def test_state_dict_round_trip_with_torchvision():
     """torchvision -> resconv -> torchvision: the same keys, values and logits both ways."""
     tv = randomise_bn(torchvision.models.resnet18(num_classes=10)).eval()
-    ours = _backend(resnet18(num_classes=10), "torch").eval()
+    ours = set_backend(resnet18(num_classes=10), "torch").eval()
     ours.load_state_dict(tv.state_dict())
     back = torchvision.models.resnet18(num_classes=10).eval()
     back.load_state_dict(ours.state_dict())
@@ -349,7 +342,7 @@ def test_state_dict_round_trip_with_torchvision():
 def test_resnet18_deepcopy_and_pickle(how):
     """A copy is independent (its own Parameters and buffers), computes the same, and its
     fused convs read its own BatchNorms (training one does not move the other's statistics)."""
-    model = _backend(randomise_bn(resnet18(num_classes=10, variant="cifar")), "torch")
+    model = set_backend(randomise_bn(resnet18(num_classes=10, variant="cifar")), "torch")
     twin = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
     x = torch.randn(2, 3, 16, 16)
     model.eval()
@@ -365,7 +358,7 @@ def test_resnet18_deepcopy_and_pickle(how):
 def test_torch_convert_sync_batchnorm_on_fused_model_raises():
     """torch's converter replaces BatchNorms that fused convs compute: the forward must say so
     instead of silently computing with the stale modules; resconv's converter works."""
-    model = _backend(resnet18(num_classes=10, variant="cifar"), "torch")
+    model = set_backend(resnet18(num_classes=10, variant="cifar"), "torch")
     broken = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
     with pytest.raises(RuntimeError, match=r"no longer a child of its parent.*resconv.nn.convert_sync_batchnorm"):
         broken(torch.randn(2, 3, 8, 8))
@@ -383,7 +376,7 @@ def test_batchnorm_check_holds_no_references_and_survives_rekeying():
     assert len(pickle.dumps(model.conv1)) < len(pickle.dumps(model)) / 10
     seq = nn.Sequential(nn.Identity(), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     resconv.convert(seq)
-    _backend(seq, "torch")
+    set_backend(seq, "torch")
     del seq[0]  # keys renumber: the fused conv and its BatchNorm stay siblings
     x = torch.randn(2, 3, 6, 6)
     assert seq(x).shape == (2, 4, 4, 4)

@@ -11,16 +11,9 @@ from torch import nn
 import resconv
 from resconv import tolerances as T
 from resconv.models import resnet18
-from conftest import randomise_bn, test_device
+from conftest import randomise_bn, set_backend, test_device
 
 torchvision = pytest.importorskip("torchvision")
-
-
-def _backend(model, name):
-    for m in model.modules():
-        if hasattr(m, "backend"):
-            m.backend = name
-    return model
 
 
 def _close(a, b, factor=4.0):
@@ -56,14 +49,14 @@ def test_imagenet_variant_has_torchvision_keys_and_logits():
     ours.load_state_dict(sd_tv)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        _close(_backend(ours, "torch").eval()(x), tv.double().eval()(x.double()))
+        _close(set_backend(ours, "torch").eval()(x), tv.double().eval()(x.double()))
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in tv.parameters())
 
 
 def test_cifar_variant_layout():
     m = resnet18(num_classes=10, variant="cifar")
     assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and isinstance(m.maxpool, nn.Identity)
-    assert _backend(m, "torch")(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert set_backend(m, "torch")(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="variant"):
         resnet18(variant="tiny")
 
@@ -77,7 +70,7 @@ def test_imagenet_resnet18_train_step_matches_torchvision(backend):
     dev = test_device() if backend == "triton" else "cpu"
     dtype = torch.float32 if backend == "triton" else torch.float64
     tv = randomise_bn(torchvision.models.resnet18(num_classes=10))
-    ours = _backend(resnet18(num_classes=10), backend)
+    ours = set_backend(resnet18(num_classes=10), backend)
     for m in ours.modules():
         if hasattr(m, "allow_tf32"):
             m.allow_tf32 = False  # the peer is IEEE float32 (a GPU would use TF32 by default)
@@ -143,7 +136,7 @@ def test_convert_and_revert_model_zoo(zoo, arch, n_fused, mode):
         assert [p for p, _ in report.left] == ["conv1"], report
     block = resconv.models.Bottleneck if arch == "resnet50" else resconv.models.BasicBlock
     assert isinstance(model.layer1[0], block)
-    _backend(model, "torch")
+    set_backend(model, "torch")
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     model.train(mode == "train")
     reference.train(mode == "train")
@@ -189,7 +182,7 @@ def test_convert_sequential_patterns_and_report():
     assert list(seq.state_dict()) == keys
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
-        _close(_backend(seq, "torch").eval()(x), ref(x.double()))
+        _close(set_backend(seq, "torch").eval()(x), ref(x.double()))
     resconv.revert(seq)
     assert [type(m) for m in seq] == [type(m) for m in ref]
     assert seq[2].inplace

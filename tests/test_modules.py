@@ -12,20 +12,13 @@ from torch import nn
 
 import resconv.nn as rnn
 from resconv import tolerances as T
-from conftest import test_device
+from conftest import set_backend, test_device
 
 BACKENDS = ["torch", "triton"]
 
 
 def _dev(backend):
     return test_device() if backend == "triton" else "cpu"
-
-
-def _set_backend(m, backend):
-    for mod in m.modules():
-        if hasattr(mod, "backend"):
-            mod.backend = backend
-    return m
 
 
 def _close(a, b, dtype=torch.float32, grad=False):
@@ -109,7 +102,7 @@ def test_batchnorm_semantics_over_steps(bn_kwargs, backend):
     dev = _dev(backend)
     m = rnn.ConvBnReLU2d(4, 8, 3, padding=1, **bn_kwargs)
     conv, bn = _torch_pair(m)
-    _set_backend(m, backend).to(dev)
+    set_backend(m, backend).to(dev)
     for phase in ("train", "train", "train", "eval", "train"):
         m.train(phase == "train")
         conv.train(phase == "train")
@@ -136,7 +129,7 @@ def test_batchnorm_semantics_over_steps(bn_kwargs, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eval_without_running_stats_uses_batch_stats(backend):
-    m = _set_backend(rnn.ConvBn2d(3, 5, 1, track_running_stats=False), backend).to(_dev(backend)).eval()
+    m = set_backend(rnn.ConvBn2d(3, 5, 1, track_running_stats=False), backend).to(_dev(backend)).eval()
     conv, bn = _torch_pair(m)
     bn.eval()
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
@@ -146,7 +139,7 @@ def test_eval_without_running_stats_uses_batch_stats(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eval_fold_cache_follows_changes(backend):
     dev = _dev(backend)
-    m = _set_backend(rnn.ConvBnAddReLU2d(4, 6, 3, padding=1), backend).to(dev).eval()
+    m = set_backend(rnn.ConvBnAddReLU2d(4, 6, 3, padding=1), backend).to(dev).eval()
     x = torch.randn(2, 4, 5, 5, device=dev)
     r = torch.randn(2, 6, 5, 5, device=dev)
     with torch.no_grad():
@@ -166,7 +159,7 @@ def test_eval_fold_cache_follows_changes(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inputs_are_not_modified(backend):
     dev = _dev(backend)
-    m = _set_backend(rnn.ConvBnAddReLU2d(4, 6, 3, padding=1), backend).to(dev)
+    m = set_backend(rnn.ConvBnAddReLU2d(4, 6, 3, padding=1), backend).to(dev)
     x = torch.randn(2, 4, 5, 5, device=dev).contiguous(memory_format=torch.channels_last)
     r = torch.randn(2, 6, 5, 5, device=dev)
     x0, r0 = x.clone(), r.clone()
@@ -190,7 +183,7 @@ def test_one_value_per_channel_in_training_raises_like_batchnorm():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_in_training(backend):
     dev = _dev(backend)
-    m = _set_backend(rnn.ConvBnReLU2d(3, 4, 3, padding=1), backend).to(dev).train()
+    m = set_backend(rnn.ConvBnReLU2d(3, 4, 3, padding=1), backend).to(dev).train()
     bn = nn.BatchNorm2d(4).to(dev)
     x = torch.randn(0, 3, 5, 5, device=dev, requires_grad=True)
     out = m(x)
