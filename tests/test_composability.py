@@ -24,7 +24,7 @@ import resconv.nn as rnn
 from resconv import tolerances as T
 from resconv.models import resnet18
 from resconv.models.resnet import BasicBlock, _downsample
-from conftest import gpu_available, randomise_bn, set_backend, test_device
+from conftest import randomise_bn, set_backend, test_device
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -121,8 +121,6 @@ def test_export_eval_resnet18(backend):
 def test_cuda_graph_capture_and_replay(backend):
     """A training forward + backward captured once and replayed on new data gives what eager
     gives (outputs, gradients, running statistics)."""
-    if not gpu_available():
-        pytest.skip("needs a CUDA GPU")
     reason = resconv.available_backends("cuda", torch.float32).get(backend)
     if reason is not None:
         pytest.skip(f"backend {backend} unavailable: {reason}")

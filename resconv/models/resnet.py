@@ -95,16 +95,17 @@ def _fuse_downsample(ds: Optional[nn.Module]) -> Optional[nn.Module]:
         return None
     if isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) in (nn.Conv2d, Conv2d) \
             and type(ds[1]) in (nn.BatchNorm2d, nn.SyncBatchNorm) and ds[1].num_features == ds[0].out_channels:
-        folded = FoldedBatchNorm2d.sharing(ds[1])
-        seq = nn.Sequential(ConvBn2d.from_modules(ds[0], folded, register_bn=False), folded)
-        seq[0]._bind_bn_owner(seq)
-        return seq
+        return _fused_downsample(ds[0], FoldedBatchNorm2d.sharing(ds[1]))
     return ds
 
 
 def _downsample(inplanes: int, planes: int, stride: int) -> nn.Sequential:
-    bn = FoldedBatchNorm2d(planes)
-    seq = nn.Sequential(ConvBn2d.from_modules(Conv2d(inplanes, planes, 1, stride, bias=False), bn, register_bn=False), bn)
+    return _fused_downsample(Conv2d(inplanes, planes, 1, stride, bias=False), FoldedBatchNorm2d(planes))
+
+
+def _fused_downsample(conv: nn.Conv2d, folded: FoldedBatchNorm2d) -> nn.Sequential:
+    """Sequential(ConvBn2d computing ``folded``, ``folded``): torchvision's keys 0.* and 1.*."""
+    seq = nn.Sequential(ConvBn2d.from_modules(conv, folded, register_bn=False), folded)
     seq[0]._bind_bn_owner(seq)
     return seq
 

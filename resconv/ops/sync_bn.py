@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from .._conv_args import memory_format_of
 from ._conv_backward import conv2d_backward
+from .triton import centred_shift
 
 
 def _all_gather_cat(t: torch.Tensor, group) -> torch.Tensor:
@@ -49,13 +50,13 @@ class SyncConvBnTrain(torch.autograd.Function):
             local[2 * K] = float(n_local)
         gathered = _all_gather_cat(local, process_group)  # [world, 2K + 1]
         counts = gathered[:, 2 * K].contiguous()
-        mean, invstd, var_u, a, b = kernels.bn_finalize(
+        mean, invstd, var_u, a, _ = kernels.bn_finalize(
             counts, gathered[:, :K].contiguous(), gathered[:, K : 2 * K].contiguous(), bn_weight, bn_bias, eps
         )
         if running_mean is not None or running_var is not None:
             kernels.update_running_stats_(running_mean, running_var, mean, var_u, momentum)
-        beta = torch.zeros_like(mean) if bn_bias is None else bn_bias.float()
-        out = kernels.scale_shift_act(y, a=a, b=beta, center=mean, residual=residual, relu=relu)
+        out = kernels.scale_shift_act(y, a=a, b=centred_shift(bn_bias, mean), center=mean, residual=residual,
+                                      relu=relu)
         ctx.geom, ctx.relu, ctx.group, ctx.kernels = geom, relu, process_group, kernels
         ctx.allow_tf32 = allow_tf32
         ctx.has_bias = bias is not None

@@ -149,12 +149,13 @@ def conv2d_bn_train(
         out_shape=shape, shift=bias, allow_tf32=allow_tf32, out_memory_format=memory_format_of(x), stats=True,
     )
     mean, invstd, var_unbiased, a, _ = tk.bn_finalize(cnt, pmean, pm2, bn_weight, bn_bias, eps)
-    out = tk.scale_shift_act(y, a=a, b=_beta(bn_bias, mean), center=mean, residual=residual, relu=relu)
+    out = tk.scale_shift_act(y, a=a, b=centred_shift(bn_bias, mean), center=mean, residual=residual, relu=relu)
     return out, y, mean, invstd, var_unbiased
 
 
-def _beta(bn_bias: Optional[Tensor], like: Tensor) -> Tensor:
-    """beta as the fp32 shift of the centred apply ``(y - mean) * a + beta`` (0 without affine)."""
+def centred_shift(bn_bias: Optional[Tensor], like: Tensor) -> Tensor:
+    """beta (Tensor[K]) as the fp32 shift of the centred apply ``(y - mean) * a + beta``
+    (zeros like ``like`` without affine); shared with the synchronized path."""
     return torch.zeros_like(like) if bn_bias is None else bn_bias.float()
 
 
