@@ -1,5 +1,5 @@
-// The Python module resconv._C: loading it registers the ops (ops.cpp) and, through
-// resconv.ops.cuda, their fake implementations and autograd; it also exposes the few facts the
+// The Python module resconv._C: loading it registers the ops' kernels (ops.cpp; their schemas,
+// fakes and autograd are Python's, resconv/ops/cuda.py); it also exposes the few facts the
 // Python side needs. Plain CPython API (no pybind11 / torch/extension.h, which
 // cost a minute of compile time). TORCH_EXTENSION_NAME is `_C` for the ahead-of-time build
 // and the (versioned) JIT name otherwise.
@@ -86,17 +86,5 @@ PyMODINIT_FUNC RESCONV_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
     Py_DECREF(m);
     return nullptr;
   }
-  // The ops' fake implementations and autograd live in resconv.ops.cuda (the module ops.cpp
-  // names with set_python_module). Registering them here gives them to every way of loading
-  // the extension: just in time, ahead of time, or a bare `import resconv._C`.
-  PyObject* registrations = PyImport_ImportModule("resconv.ops.cuda");
-  PyObject* done =
-      registrations == nullptr ? nullptr : PyObject_CallMethod(registrations, "_register_once", "O", m);
-  Py_XDECREF(registrations);
-  if (done == nullptr) {
-    Py_DECREF(m);
-    return nullptr;
-  }
-  Py_DECREF(done);
   return m;
 }

@@ -1,9 +1,7 @@
-// Op schemas (namespace resconv, names prefixed cuda_) and their kernels.
-//
-// The Triton ops of the Python package are torch.library fragments of the same namespace;
-// the dispatcher accepts one TORCH_LIBRARY definition block per namespace beside any number
-// of fragments, in either load order (checked), so this is the only TORCH_LIBRARY(resconv).
-// Fake (meta) implementations and autograd are registered from Python (resconv/ops/cuda.py).
+// The kernels of the cuda_* ops (namespace resconv). The extension registers kernels only:
+// the schemas, fake (meta) implementations and autograd are registered in Python
+// (resconv/ops/cuda.py, SCHEMAS) when resconv is imported, so that the ops exist and trace
+// without the extension. Loading it checks each kernel's signature against its schema.
 //
 // The same kernels are registered for CPU: there they check every argument and then raise
 // "expected a CUDA tensor", so that a wrong call fails with a message naming the argument
@@ -11,46 +9,6 @@
 #include "ops.h"
 
 #include <torch/library.h>
-
-TORCH_LIBRARY(resconv, m) {
-  // torch imports this module when it needs a fake implementation that is not registered yet.
-  m.set_python_module("resconv.ops.cuda");
-  m.def(
-      "cuda_conv2d_fprop(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual, int[2] stride, "
-      "int[4] padding, int[2] dilation, int groups, bool relu, bool allow_tf32, bool channels_last) -> Tensor");
-  m.def(
-      "cuda_conv2d_fprop_stats(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual, "
-      "int[2] stride, int[4] padding, int[2] dilation, int groups, bool relu, bool allow_tf32, bool channels_last) "
-      "-> (Tensor out, Tensor count, Tensor mean, Tensor m2)");
-  m.def(
-      "cuda_conv2d_bn_train(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
-      "Tensor? residual, int[2] stride, int[4] padding, int[2] dilation, int groups, float eps, bool relu, "
-      "bool allow_tf32, bool channels_last) -> (Tensor out, Tensor y, Tensor mean, Tensor invstd, "
-      "Tensor var_unbiased)");
-  m.def(
-      "cuda_bn_finalize(Tensor count, Tensor mean, Tensor m2, Tensor? weight, Tensor? bias, float eps) -> "
-      "(Tensor mean, Tensor invstd, Tensor var_unbiased, Tensor a, Tensor b)");
-  m.def(
-      "cuda_bn_update_running_stats_(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, "
-      "Tensor var_unbiased, float momentum) -> ()");
-  m.def("cuda_scale_shift_act(Tensor y, Tensor? a, Tensor? b, Tensor? residual, bool relu) -> Tensor");
-  m.def("cuda_add_relu(Tensor x, Tensor residual, bool relu) -> Tensor");
-  m.def(
-      "cuda_bn_backward_reduce(Tensor grad_out, Tensor? out, Tensor? y, Tensor? mean, bool relu) -> "
-      "(Tensor sum_g, Tensor sum_gy)");
-  m.def(
-      "cuda_bn_backward_dy(Tensor grad_out, Tensor? out, Tensor? y, Tensor a, Tensor? b, Tensor? c, Tensor? mean, "
-      "bool relu, bool want_grad_residual, ScalarType dy_dtype) -> (Tensor dy, Tensor grad_residual)");
-  m.def(
-      "cuda_conv2d_dgrad(Tensor grad, Tensor weight, Tensor? relu_out, Tensor? y, Tensor? a, Tensor? b, Tensor? c, "
-      "Tensor? mean, int[4] input_size, int[2] stride, int[4] padding, int[2] dilation, int groups, "
-      "bool channels_last, bool allow_tf32) -> Tensor");
-  m.def(
-      "cuda_conv2d_wgrad(Tensor grad, Tensor x, Tensor? relu_out, Tensor? y, Tensor? a, Tensor? b, Tensor? c, "
-      "Tensor? mean, int[4] weight_size, int[2] stride, int[4] padding, int[2] dilation, int groups, "
-      "bool need_bias, bool weight_channels_last, bool allow_tf32, int split_k=0) -> (Tensor grad_weight, "
-      "Tensor grad_bias)");
-}
 
 namespace {
 void register_kernels(torch::Library& m) {

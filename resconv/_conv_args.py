@@ -43,10 +43,17 @@ class ConvGeometry:
     def out_shape(self) -> tuple[int, int, int, int]:
         return (self.N, self.K, self.P, self.Q)
 
-    @property
-    def symmetric(self) -> bool:
-        t, b, l, r = self.padding
-        return t == b and l == r
+
+def conv_out_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
+                   padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, int, int, int]:
+    """(N, K, P, Q) of a conv of x (shape [N, C, H, W]) with weight (shape [K, C/groups, R, S]),
+    ``padding`` (top, bottom, left, right): ``P = (H + top + bottom - dilation*(R-1) - 1) // stride + 1``
+    (Q alike), as torch.nn.Conv2d's documentation gives it. No checks: see :func:`conv_geometry`."""
+    N, _, H, W = x_shape
+    K, _, R, S = weight_shape
+    P = (H + padding[0] + padding[1] - dilation[0] * (R - 1) - 1) // stride[0] + 1
+    Q = (W + padding[2] + padding[3] - dilation[1] * (S - 1) - 1) // stride[1] + 1
+    return (N, K, P, Q)
 
 
 def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
@@ -176,8 +183,7 @@ def conv_geometry(
             f"input: padded input size ({hp} x {wp}) is smaller than the dilated kernel "
             f"({eff_r} x {eff_s}); the kernel can't be greater than the padded input"
         )
-    P = (hp - eff_r) // st[0] + 1
-    Q = (wp - eff_s) // st[1] + 1
+    _, _, P, Q = conv_out_shape(x.shape, weight.shape, st, pad, dl)
     return ConvGeometry(N, C, H, W, K, R, S, P, Q, st, pad, dl, groups)  # type: ignore[arg-type]
 
 

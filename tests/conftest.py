@@ -82,3 +82,19 @@ def set_backend(model, name):
             m.backend = name
     return model
 
+
+
+def conv2d_backward(dy, x, weight, stride, padding, dilation, groups, need_input, need_weight, need_bias, *,
+                    impl="aten", allow_tf32=None, prologue=None):
+    """A conv backward by implementation, for the tests: 'aten' (ATen's, dy materialised from
+    ``prologue`` in torch), 'triton' or 'cuda' (that backend's own dgrad/wgrad, the prologue
+    fused into their loads). Returns (grad_input, grad_weight, grad_bias), None where not needed."""
+    from resconv.ops import BACKENDS
+    from resconv.ops._shared import Geometry, aten_conv2d_backward
+
+    if impl == "aten":
+        return aten_conv2d_backward(dy, x, weight, stride, padding, dilation, groups, need_input, need_weight,
+                                    need_bias, prologue=prologue)
+    tf32 = torch.backends.cudnn.allow_tf32 if allow_tf32 is None else bool(allow_tf32)
+    return BACKENDS[impl].kernels.own_conv_backward(dy, x, weight, Geometry.of(stride, padding, dilation, groups),
+                                                    need_input, need_weight, need_bias, tf32, prologue)

@@ -27,7 +27,8 @@ from torch import nn  # noqa: E402
 
 import resconv.nn as rnn  # noqa: E402
 from resconv import tolerances  # noqa: E402
-from resconv.ops._conv_backward import DyPrologue, conv2d_backward  # noqa: E402
+from resconv.ops._shared import DyPrologue  # noqa: E402
+from conftest import conv2d_backward  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -182,12 +183,6 @@ def test_empty_batch():
     gx, gw, gb = conv2d_backward(dy, x, w, **geo, need_input=True, need_weight=True, need_bias=True, impl="triton")
     assert gx.shape == x.shape and gx.numel() == 0
     assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros(w.shape[0], device=gb.device))
-
-
-def test_unknown_impl_raises():
-    x, w, dy, geo = make_problem("1x1", "float32", "nchw")
-    with pytest.raises(ValueError, match="impl"):
-        conv2d_backward(dy, x, w, **geo, need_input=True, need_weight=True, need_bias=False, impl="cudnn")
 
 
 # ---- fused prologue ---------------------------------------------------------------------
@@ -458,12 +453,13 @@ def test_saved_for_backward_no_larger_than_torch_nn():
 
 def test_sync_bn_backward_single_rank():
     """The synchronized-BN autograd Function's backward (fused conv backward path, and the
-    fallback for kernel sets without dgrad/wgrad) on a one-rank gloo group == the op's."""
+    kernels' fused_conv_backward=False path: dy materialised, ATen's conv backward) on a
+    one-rank gloo group == the op's."""
     import torch.distributed as dist
 
     from resconv import _conv_args as A
-    from resconv import triton_kernels
-    from resconv.ops.sync_bn import SyncConvBnTrain
+    from resconv.ops.autograd import SyncConvBnTrain
+    from resconv.ops.triton import TritonKernels
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
@@ -478,14 +474,8 @@ def test_sync_bn_backward_single_rank():
         g = rand(2, K, 4, 3, fmt="nhwc")
         geom = A.conv_geometry(x, w, 2, 1, 1, 1)
 
-        class NoConvBackward:  # a kernel set without dgrad/wgrad: the ATen fallback path
-            def __getattr__(self, name):
-                if name in ("conv2d_dgrad", "conv2d_wgrad"):
-                    raise AttributeError(name)
-                return getattr(triton_kernels, name)
-
         results = []
-        for kernels in (triton_kernels, NoConvBackward()):
+        for kernels in (TritonKernels(), TritonKernels(fused_conv_backward=False)):
             for t in (x, w, gamma, beta, res):
                 t.grad = None
             out = SyncConvBnTrain.apply(x, w, None, gamma, beta, res, None, None, geom, 1e-5, 0.1, True, False,

@@ -40,13 +40,15 @@ import torch.nn.functional as F  # noqa: E402
 from resconv import _conv_args as A  # noqa: E402
 from resconv import build  # noqa: E402
 from resconv import tolerances as T  # noqa: E402
-from resconv.ops import _conv_backward as CB  # noqa: E402
 from resconv.ops import cuda as cuda_ops  # noqa: E402
-from resconv.ops import cuda_kernels  # noqa: E402
+from resconv.ops import cuda_extension  # noqa: E402
+from resconv.ops import _shared  # noqa: E402
+from resconv.ops._shared import DyPrologue  # noqa: E402
 
 from conformance_table import CONV_CASES  # noqa: E402
+from conftest import conv2d_backward  # noqa: E402
 
-ENV = cuda_ops.CONV_BACKWARD_ENV
+ENV = cuda_extension.CONV_BACKWARD_ENV
 
 
 # ------------------------------------------------------------------------------------------
@@ -624,13 +626,12 @@ def test_cpp_argument_validation(ext, case):
 
 
 def test_conv2d_backward_cuda_impl_refuses_cpu_tensors(ext):
-    assert "cuda" in CB.IMPLS
     x, w = torch.randn(2, 8, 6, 6), torch.randn(16, 8, 3, 3)
     dy = torch.randn(2, 16, 6, 6)
     with pytest.raises(RuntimeError, match="cuda_conv2d_dgrad: grad: expected a CUDA tensor"):
-        CB.conv2d_backward(dy, x, w, (1, 1), (1, 1, 1, 1), (1, 1), 1, True, True, True, impl="cuda")
+        conv2d_backward(dy, x, w, (1, 1), (1, 1, 1, 1), (1, 1), 1, True, True, True, impl="cuda")
     with pytest.raises(RuntimeError, match="cuda_conv2d_wgrad: grad: expected a CUDA tensor"):
-        CB.conv2d_backward(dy, x, w, (1, 1), (1, 1, 1, 1), (1, 1), 1, False, True, True, impl="cuda")
+        conv2d_backward(dy, x, w, (1, 1), (1, 1, 1, 1), (1, 1), 1, False, True, True, impl="cuda")
 
 
 # ------------------------------------------------------------------------------------------
@@ -638,41 +639,60 @@ def test_conv2d_backward_cuda_impl_refuses_cpu_tensors(ext):
 # ------------------------------------------------------------------------------------------
 def test_switch_default_is_aten(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    assert cuda_ops.CONV_BACKWARD_DEFAULT == "aten"
-    assert cuda_ops.conv_backward_impl() == "aten"
-    assert not cuda_kernels.use_fused_conv_backward()
+    assert cuda_extension.CONV_BACKWARD_DEFAULT == "aten"
+    assert cuda_extension.conv_backward_impl() == "aten"
+    assert not cuda_ops.CudaKernels().fused_conv_backward
     monkeypatch.setenv(ENV, "")
-    assert cuda_ops.conv_backward_impl() == "aten"
+    assert cuda_extension.conv_backward_impl() == "aten"
 
 
 @pytest.mark.parametrize("value,expected", [("cuda", "cuda"), (" CUDA ", "cuda"), ("aten", "aten"), ("ATen", "aten")])
 def test_switch_values(monkeypatch, value, expected):
     monkeypatch.setenv(ENV, value)
-    assert cuda_ops.conv_backward_impl() == expected
-    assert cuda_kernels.use_fused_conv_backward() == (expected == "cuda")
+    assert cuda_extension.conv_backward_impl() == expected
+    assert cuda_ops.CudaKernels().fused_conv_backward == (expected == "cuda")
 
 
 @pytest.mark.parametrize("value", ["cudnn", "triton", "1"])
 def test_switch_rejects_unknown_values(monkeypatch, value):
     monkeypatch.setenv(ENV, value)
     with pytest.raises(ValueError, match=f"{ENV}: expected one of \\('aten', 'cuda'\\), got '{value}'"):
-        cuda_ops.conv_backward_impl()
+        cuda_extension.conv_backward_impl()
+
+
+def test_switch_is_read_once_and_settable(monkeypatch):
+    monkeypatch.setenv(ENV, "cuda")
+    k = cuda_ops.CudaKernels()
+    assert k.fused_conv_backward
+    monkeypatch.setenv(ENV, "aten")  # read once: the kernels keep their choice
+    assert k.fused_conv_backward
+    k.fused_conv_backward = False
+    assert not k.fused_conv_backward
 
 
 @pytest.fixture
 def spy_conv_backward(monkeypatch):
-    """Records (impl, prologue, need flags) of every conv2d_backward call of the cuda backend."""
+    """Records (impl, prologue, need flags) of every conv backward of the cuda backend: "cuda"
+    (its own dgrad/wgrad, the prologue fused) or "aten" (ATen's, on a materialised dy)."""
     calls = []
-    real = cuda_ops.conv2d_backward
+    k = cuda_ops.KERNELS
+    own, aten = k.own_conv_backward, _shared.aten_conv2d_backward
 
-    def spy(dy, x, weight, stride, padding, dilation, groups, nx, nw, nb, *, impl="aten", allow_tf32=None,
-            prologue=None):
-        calls.append(dict(impl=impl, prologue=prologue, dy=dy, needs=(nx, nw, nb), allow_tf32=allow_tf32))
-        return real(dy, x, weight, stride, padding, dilation, groups, nx, nw, nb, impl=impl, allow_tf32=allow_tf32,
-                    prologue=prologue)
+    def spy_own(dy, x, weight, geom, nx, nw, nb, allow_tf32, prologue):
+        calls.append(dict(impl="cuda", prologue=prologue, dy=dy, needs=(nx, nw, nb), allow_tf32=allow_tf32))
+        return own(dy, x, weight, geom, nx, nw, nb, allow_tf32, prologue)
 
-    monkeypatch.setattr(cuda_ops, "conv2d_backward", spy)
+    def spy_aten(dy, x, weight, stride, padding, dilation, groups, nx, nw, nb, *, prologue=None):
+        calls.append(dict(impl="aten", prologue=prologue, dy=dy, needs=(nx, nw, nb), allow_tf32=None))
+        return aten(dy, x, weight, stride, padding, dilation, groups, nx, nw, nb, prologue=prologue)
+
+    monkeypatch.setattr(k, "own_conv_backward", spy_own)
+    monkeypatch.setattr(_shared, "aten_conv2d_backward", spy_aten)
     return calls
+
+
+def _use_impl(monkeypatch, impl):
+    monkeypatch.setattr(cuda_ops.KERNELS, "fused_conv_backward", impl == "cuda")
 
 
 def _meta_leaf(*shape, dtype=torch.float16, fmt=torch.contiguous_format):
@@ -685,7 +705,7 @@ def _meta_leaf(*shape, dtype=torch.float16, fmt=torch.contiguous_format):
 def test_switch_routes_training_backward(ext, monkeypatch, spy_conv_backward, impl, residual, relu):
     """cuda_conv2d_bn_train's backward on meta tensors: "cuda" hands the unmaterialised
     gradient and the dReLU/dBN prologue to the CUDA dgrad/wgrad; "aten" a materialised dy."""
-    monkeypatch.setenv(ENV, impl)
+    _use_impl(monkeypatch, impl)
     x = _meta_leaf(2, 8, 6, 5, fmt=torch.channels_last)
     w = _meta_leaf(16, 8, 3, 3)
     bias, gamma, beta = _meta_leaf(16), _meta_leaf(16, dtype=torch.float32), _meta_leaf(16, dtype=torch.float32)
@@ -714,7 +734,7 @@ def test_switch_routes_training_backward(ext, monkeypatch, spy_conv_backward, im
 @pytest.mark.parametrize("scale", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
 def test_switch_routes_eval_backward(ext, monkeypatch, spy_conv_backward, impl, scale, relu):
-    monkeypatch.setenv(ENV, impl)
+    _use_impl(monkeypatch, impl)
     x = _meta_leaf(2, 8, 6, 5)
     w = _meta_leaf(16, 8, 3, 3)
     sc = _meta_leaf(16, dtype=torch.float32) if scale else None
@@ -733,17 +753,18 @@ def test_switch_routes_eval_backward(ext, monkeypatch, spy_conv_backward, impl, 
 
 
 def test_switch_is_read_at_backward_time(ext, monkeypatch, spy_conv_backward):
-    monkeypatch.setenv(ENV, "aten")
+    _use_impl(monkeypatch, "aten")
     x, w = _meta_leaf(2, 8, 6, 5), _meta_leaf(16, 8, 3, 3)
     out = torch.ops.resconv.cuda_conv2d_fprop(x, w, None, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, True, False,
                                               False)
-    monkeypatch.setenv(ENV, "cuda")
+    _use_impl(monkeypatch, "cuda")
     out.backward(torch.empty_like(out))
     assert [c["impl"] for c in spy_conv_backward] == ["cuda"]
 
 
 def test_switch_error_surfaces_in_backward(ext, monkeypatch):
     monkeypatch.setenv(ENV, "bogus")
+    monkeypatch.setattr(cuda_ops.KERNELS, "_fused", None)  # not resolved yet
     x, w = _meta_leaf(2, 8, 6, 5), _meta_leaf(16, 8, 3, 3)
     out = torch.ops.resconv.cuda_conv2d_fprop(x, w, None, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, True, False,
                                               False)
@@ -780,7 +801,7 @@ def _problem(g, dtype, fmt, dev):
 
 
 def _run(dy, x, w, g, tf32, prologue=None, need=(True, True, True)):
-    return CB.conv2d_backward(dy, x, w, g.stride, g.padding, g.dilation, g.groups, *need, impl="cuda",
+    return conv2d_backward(dy, x, w, g.stride, g.padding, g.dilation, g.groups, *need, impl="cuda",
                               allow_tf32=tf32, prologue=prologue)
 
 
@@ -837,10 +858,10 @@ def make_prologue(K, g, relu, bn):
     fmt = "nhwc" if A.is_channels_last(g) else "nchw"
     relu_out = torch.relu(_rand(g.shape, g.dtype, fmt, dev)) if relu else None
     if not bn:
-        return CB.DyPrologue(vec(0.5, 1.5), relu_out)
+        return DyPrologue(vec(0.5, 1.5), relu_out)
     y = _rand(g.shape, g.dtype, fmt, dev, offset=3.0)
     mean = y.double().mean((0, 2, 3)).float() + 0.1
-    return CB.DyPrologue(vec(0.5, 1.5), relu_out, y, vec(-0.5, 0.5), vec(-0.5, 0.5), mean)
+    return DyPrologue(vec(0.5, 1.5), relu_out, y, vec(-0.5, 0.5), vec(-0.5, 0.5), mean)
 
 
 def fused_dy_float64(g, p):
@@ -1021,5 +1042,5 @@ def test_gpu_offsets_beyond_2_31_elements(gpu):
     g2 = _geometry_from((2, C, H, W, K, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1))
     rx, _, _ = reference_grads(grad[tail], x[tail], w, g2)
     assert_close("dgrad of the last images", gx[tail], rx, "float16")
-    _, aw, _ = CB.conv2d_backward(grad, x, w, g.stride, g.padding, g.dilation, 1, False, True, False, impl="aten")
+    _, aw, _ = conv2d_backward(grad, x, w, g.stride, g.padding, g.dilation, 1, False, True, False, impl="aten")
     assert_close("wgrad vs ATen", gw, aw.double(), "float16", scale=2.0)

@@ -16,9 +16,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # element the kernel fails to write shows up in any comparison.
 POISON = os.environ.get("RESCONV_POISON", "0") == "1"
 
-TORCH_TO_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def check_device(t: torch.Tensor, name: str) -> None:
     """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
     if t.device.type == "cuda":

@@ -1,5 +1,6 @@
 """The Triton conv backward as torch.library custom ops (schema + fake implementation), so
-that torch.compile's autograd can trace the backward of the Triton backend's ops.
+that torch.compile's autograd can trace the backward of the Triton backend's ops (an adapter
+of :mod:`resconv.ops.triton`, which calls them from ``TritonKernels.conv_backward``).
 
 * ``resconv::triton_conv2d_dgrad``: input gradient.
 * ``resconv::triton_conv2d_wgrad``: weight gradient (and bias gradient, from the same pass).
@@ -20,9 +21,9 @@ Tensor = torch.Tensor
 
 
 def _tk():
-    from .. import triton_kernels
+    import resconv.triton_kernels as tk
 
-    return triton_kernels
+    return tk
 
 
 def _fmt(channels_last: bool) -> torch.memory_format:
