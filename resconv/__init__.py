@@ -8,10 +8,9 @@ existing model's conv/bn/relu patterns into fused modules and back), :mod:`resco
 (the plain-PyTorch specification).
 """
 from . import functional, models, nn, reference
+from ._version import __version__
 from .convert import convert, revert
 from .functional import BackendUnavailableError, available_backends
-
-__version__ = "0.1.0"
 
 __all__ = [
     "functional",

@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import _conv_args as A
+import resconv._conv_args as A
 from .ops import AUTO_ORDER, BACKENDS
 from .reference import bn_fold
 
@@ -38,6 +38,19 @@ def available_backends(device: Union[str, torch.device] = "cpu", dtype: torch.dt
     """``{name: None or reason}`` for every backend, for tensors of ``device``/``dtype``."""
     device = torch.device(device)
     return {name: b.unavailable_reason(device, dtype) for name, b in BACKENDS.items()}
+
+
+def unavailable_reason(backend: str, device: Union[str, torch.device], dtype: torch.dtype) -> Optional[str]:
+    """Why backend ``backend`` ('torch', 'triton' or 'cuda') cannot serve tensors of
+    ``device``/``dtype``, or None when it can. Only that backend is asked (asking 'cuda' about
+    a CUDA device loads the extension, compiling it just in time on first use).
+
+    Raises:
+        ValueError: an unknown backend name.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {tuple(BACKENDS)}, got {backend!r}")
+    return BACKENDS[backend].unavailable_reason(torch.device(device), dtype)
 
 
 def select_backend(backend: Optional[str], x: Tensor):

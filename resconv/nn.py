@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import functional as RF
+import resconv.functional as RF
 
 Tensor = torch.Tensor
 

@@ -6,9 +6,9 @@ Data: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes), 
 from a local folder in torchvision's format (``cifar-10-batches-py``; nothing is downloaded)
 given by ``--data``.
 
-``--compare`` trains a torch.nn ResNet-18 (torchvision's, with the CIFAR stem) from the same
-initial weights on the same batches in the same order, prints both loss curves side by side,
-and checks the first steps and the final accuracy:
+``--compare`` trains a torch.nn ResNet-18 (:class:`resconv.models.TorchResNet`, torchvision's
+layout with the CIFAR stem) from the same initial weights on the same batches in the same
+order, prints both loss curves side by side, and checks the first steps and the final accuracy:
 
 * step 0 (identical weights, so a pure forward comparison) agrees within the output
   tolerance of the dtype (``resconv.tolerances``) when there is no float64 run
@@ -115,18 +115,6 @@ def load_cifar10(root: str):
 # ----------------------------------------------------------------------------------------
 # models
 # ----------------------------------------------------------------------------------------
-def torch_nn_resnet18_cifar(num_classes: int = 10):
-    """torch.nn ResNet-18 with the CIFAR stem (torchvision's, conv1 3x3/1, no max-pool):
-    the same state_dict keys as ``resconv.models.resnet18(variant="cifar")``."""
-    import torchvision
-    from torch import nn
-
-    m = torchvision.models.resnet18(num_classes=num_classes)
-    m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    m.maxpool = nn.Identity()
-    return m
-
-
 def _set_backend(model, backend):
     for m in model.modules():
         if hasattr(m, "backend"):
@@ -195,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
     import torch
 
-    from resconv import tolerances as T
-    from resconv.models import resnet18
+    import resconv.tolerances as T
+    from resconv.models import resnet18, torch_resnet18
 
     if device_name == "cuda" and not torch.cuda.is_available():
         device_name = "cpu"
@@ -230,10 +218,10 @@ def run(args: argparse.Namespace) -> int:
     _set_backend(model, args.backend)
     runs = {"resconv": None}
     if args.compare:
-        ref = torch_nn_resnet18_cifar(10)
+        ref = torch_resnet18(10, variant="cifar")
         ref.load_state_dict(model.state_dict())  # same initial weights
         runs["torch.nn"] = Trainer(ref, device, dtype, args, schedule_steps)
-        ref64 = torch_nn_resnet18_cifar(10)
+        ref64 = torch_resnet18(10, variant="cifar")
         ref64.load_state_dict(model.state_dict())
         fp64 = Trainer(ref64.double(), device, torch.float64, args, schedule_steps)
     runs["resconv"] = Trainer(model, device, dtype, args, schedule_steps)

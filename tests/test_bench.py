@@ -22,14 +22,16 @@ import torch
 
 from resconv.bench import report
 from resconv.bench.cases import LayerCase, make_set, reference, set_bytes
-from resconv.bench.check import TOLERANCES, compare, rel_error
-from resconv.bench.e2e import TorchResNet, base_state, build_model, model_flops
+from resconv.bench.check import bounds, compare, rel_error
+from resconv.bench.e2e import base_state, build_model, model_flops
+from resconv.models import TorchResNet
 from resconv.bench.memory import saved_bytes
 from resconv.bench.plan import jobs, preset
 from resconv.bench.providers import PROVIDERS, Provider
 from resconv.bench.roofline import case_work, conv_flops
 from resconv.bench.runner import Runner, run
-from resconv.bench.shapes import resnet18_layers, smoke_layers
+from resconv.bench.shapes import smoke_layers
+from resconv.models import resnet18_layers
 from resconv.bench.timing import TimerConfig, measure, percentile
 
 STATUSES = {"ok", "failed", "error", "unavailable", "skipped"}
@@ -170,9 +172,11 @@ def test_compare_and_tolerances():
     assert rel_error(ref[:10], ref) == float("inf")
     g = [torch.randn(3), torch.randn(4)]
     r = compare(ref, [g[0], g[1] * 1.5], ref, g, ["x", "weight"], torch.bfloat16)
-    assert not r.ok and r.worst == "grad:weight" and r.tol == TOLERANCES[torch.bfloat16].grad
-    for tol in TOLERANCES.values():
-        assert tol.out <= tol.grad <= tol.model
+    assert not r.ok and r.worst == "grad:weight" and r.tol == bounds(torch.bfloat16)["grad"]
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        for tf32 in (False, True):
+            b = bounds(dt, tf32)
+            assert b["out"] <= b["grad"] <= b["model"]
 
 
 def test_measure_and_percentile():

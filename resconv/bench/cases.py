@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from .. import reference as R
+import resconv.reference as R
 from .check import exact_fp32
-from .shapes import ConvLayer
+from ..models.layers import ConvLayer
 
 MODES = ("eval", "train-fwd", "train-fwdbwd", "train-bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

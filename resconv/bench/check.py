@@ -2,7 +2,8 @@
 timing is reported; a provider that fails is reported as failing and not timed.
 
 The measure is the relative L2 error ``||out - ref|| / ||ref||`` (NaN or Inf always fail),
-against the tolerances below, written once per dtype. The reference is
+against the bounds of :func:`resconv.tolerances.l2_bound` (the project's one tolerance
+table). The reference is
 :mod:`resconv.reference` (or a plain-PyTorch model) evaluated in float32 on upcast copies of
 the very inputs the provider saw, with TF32 off.
 """
@@ -15,23 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    out: float  # one layer's forward output
-    grad: float  # one layer's gradients (input, weight, BN affine, residual)
-    model: float  # whole-network logits, loss and gradients (errors accumulate over ~20 layers)
-
-
-# Relative L2 error allowed. One rounding of bf16 is 2**-9 relative (fp16: 2**-12); eager
-# PyTorch rounds the conv output, the BN output and the sum, so it lands near 3e-3 (bf16) and
-# 4e-4 (fp16). float32 on a GPU runs the convs in TF32 (10-bit mantissa, ~3e-4 per conv).
-# A wrong index or a missing term gives errors of order 1, far above all of these.
-TOLERANCES = {
-    torch.bfloat16: Tolerance(out=2e-2, grad=4e-2, model=1e-1),
-    torch.float16: Tolerance(out=4e-3, grad=1e-2, model=5e-2),
-    torch.float32: Tolerance(out=2e-3, grad=5e-3, model=3e-2),
-}
+from ..tolerances import l2_bound
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -65,18 +50,18 @@ def _finite(v: float):
 
 def compare(out: torch.Tensor, grads: Optional[Sequence[torch.Tensor]], ref_out: torch.Tensor,
             ref_grads: Optional[Sequence[torch.Tensor]], grad_names: Sequence[str], dtype: torch.dtype,
-            level: str = "layer") -> CheckResult:
+            level: str = "layer", tf32: bool = False) -> CheckResult:
     """Compare a provider's output (and gradients, when given) with the reference.
 
     Args:
         out, ref_out: forward outputs (any dtype; compared in float64).
         grads, ref_grads: gradients in ``grad_names`` order, or None.
-        dtype: the run's dtype (picks the tolerance).
-        level: 'layer' (out/grad tolerances) or 'model' (model tolerance for everything).
+        dtype: the run's dtype; ``tf32``: float32 ran on TF32 tensor cores (picks the bound).
+        level: 'layer' (output / gradient bounds) or 'model' (the network bound for everything).
     """
-    tol = TOLERANCES[dtype]
-    t_out = tol.model if level == "model" else tol.out
-    t_grad = tol.model if level == "model" else tol.grad
+    net = level == "model"
+    t_out = l2_bound(dtype, tf32=tf32, grad=net, network=net)
+    t_grad = l2_bound(dtype, tf32=tf32, grad=True, network=net)
     detail = {"out": rel_error(out, ref_out)}
     limits = {"out": t_out}
     if grads is not None:
@@ -89,6 +74,12 @@ def compare(out: torch.Tensor, grads: Optional[Sequence[torch.Tensor]], ref_out:
     worst = max(detail, key=lambda k: detail[k] / limits[k])
     ok = all(math.isfinite(v) and v <= limits[k] for k, v in detail.items())
     return CheckResult(ok=ok, err=detail[worst], worst=worst, tol=limits[worst], detail=detail)
+
+
+def bounds(dtype: torch.dtype, tf32: bool = False) -> dict:
+    """The bounds :func:`compare` applies for ``dtype``: {'out', 'grad', 'model'}."""
+    return dict(out=l2_bound(dtype, tf32=tf32), grad=l2_bound(dtype, tf32=tf32, grad=True),
+                model=l2_bound(dtype, tf32=tf32, grad=True, network=True))
 
 
 @contextlib.contextmanager

@@ -10,9 +10,8 @@ randomised as a trained network has them). Before timing, its logits (inference)
 loss and every parameter gradient of one step (training) are compared with a float32
 plain-PyTorch model on the same batch.
 
-The plain-PyTorch model (:class:`TorchResNet`) is torchvision's ResNet-18 layout written
-out with torch.nn modules, with the same ``state_dict`` keys as resconv's, so that weights
-load both ways; it is what the eager and torch.compile providers run.
+The plain-PyTorch model (:class:`resconv.models.TorchResNet`, torchvision's ResNet-18 layout
+with the same ``state_dict`` keys as resconv's) is what the eager and torch.compile providers run.
 """
 from __future__ import annotations
 
@@ -24,60 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import resnet18
+from ..models import TorchResNet, resnet18
 from .cases import DTYPES, FORMATS
 from .check import exact_fp32
 from .providers import backend_unavailable, capture_graphs
 from .roofline import conv_flops
-from .shapes import NUM_CLASSES, resnet18_layers
-
-
-class _TorchBlock(nn.Module):
-    def __init__(self, inplanes: int, planes: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
-
-
-class TorchResNet(nn.Module):
-    """ResNet-18 of torch.nn modules (variant 'imagenet' or 'cifar', as resconv's).
-    Input Tensor[N, 3, H, W] -> logits Tensor[N, num_classes]."""
-
-    def __init__(self, variant: str = "imagenet", num_classes: int = 1000):
-        super().__init__()
-        if variant == "imagenet":
-            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-        else:
-            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            self.maxpool = nn.Identity()
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        inplanes, stages = 64, []
-        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            stages.append(nn.Sequential(_TorchBlock(inplanes, planes, stride), _TorchBlock(planes, planes, 1)))
-            inplanes = planes
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+from ..models.layers import NUM_CLASSES, resnet18_layers
 
 
 def base_state(variant: str, seed: int = 0) -> dict:

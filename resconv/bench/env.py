@@ -47,7 +47,7 @@ def _git_commit() -> Optional[str]:
 
 def collect(device: torch.device) -> dict:
     """Environment record for the results (JSON-serialisable)."""
-    import resconv
+    from .._version import __version__
 
     try:
         import triton
@@ -67,7 +67,7 @@ def collect(device: torch.device) -> dict:
         triton=triton_version,
         cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        resconv=resconv.__version__,
+        resconv=__version__,
         git_commit=_git_commit(),
         triton_interpret=os.environ.get("TRITON_INTERPRET", "0") == "1",
         device=str(device),

@@ -29,7 +29,8 @@ import torch
 from .cases import DTYPES, FORMATS, MODES, LayerCase
 from .e2e import E2E_PROVIDERS, E2ECase
 from .providers import PROVIDERS
-from .shapes import IMAGE_SIZE, VARIANTS, layers_for
+from ..models.layers import IMAGE_SIZE
+from .shapes import VARIANTS, layers_for
 from .timing import TimerConfig
 
 SECTIONS = ("roofline", "layers", "memory", "e2e")

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import reference as R
+import resconv.reference as R
 from ..nn import ConvBn2d, ConvBnAddReLU2d, ConvBnReLU2d
-from ..ops import BACKENDS
+from ..functional import unavailable_reason
 from .cases import EPS, MODES, MOMENTUM, LayerCase, LayerSet, grad_names
 
 Thunk = Callable[[], torch.Tensor]
@@ -236,7 +236,7 @@ def backend_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> 
     """Why resconv's backend ``name`` cannot serve ``device``/``dtype`` (None: it can). Only
     that backend is asked: asking the cuda backend loads (or just-in-time compiles) the
     extension, which a run of the Triton backend must not wait for."""
-    return BACKENDS[name].unavailable_reason(device, dtype)
+    return unavailable_reason(name, device, dtype)
 
 
 class ResconvProvider(Provider):

@@ -30,7 +30,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-STATUS_MARK = {"failed": "FAIL", "error": "ERROR", "unavailable": "n/a", "skipped": "skip"}
+from . import plots
+from .plots import STATUS_MARK
 
 
 def write_json(results: dict, path: Path) -> None:
@@ -50,8 +51,6 @@ def load_json(path: Path) -> dict:
 
 def write_all(results: dict, outdir: Path) -> list[Path]:
     """results.json, results.md, layers.png and e2e.png (charts when matplotlib is installed)."""
-    from . import plots
-
     outdir.mkdir(parents=True, exist_ok=True)
     charts = plots.write_charts(results, outdir)  # first: a missing matplotlib adds a note
     write_json(results, outdir / "results.json")

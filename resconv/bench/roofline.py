@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .cases import DTYPES, LayerCase
-from .shapes import ConvLayer
+from ..models.layers import ConvLayer
 from .timing import TimerConfig, measure
 
 

@@ -23,7 +23,7 @@ import torch
 from . import e2e as E
 from . import report
 from .cases import DTYPES, LayerCase, grad_names, make_set, reference, set_bytes
-from .check import TOLERANCES, compare
+from .check import bounds, compare
 from .env import collect
 from .memory import saved_bytes
 from .plan import Job, Plan, jobs
@@ -80,7 +80,7 @@ class Runner:
         self._states: dict = {}
         self.results = dict(
             schema=SCHEMA, env=collect(device), plan=plan.as_dict(),
-            tolerances={str(k).replace("torch.", ""): vars(v) for k, v in TOLERANCES.items()},
+            tolerances={str(dt).replace("torch.", ""): bounds(dt, tf32=device.type == "cuda") for dt in DTYPES.values()},
             roofline=None, layers=[], memory=[], e2e=[], job_errors=[], skipped=[], complete=False, elapsed_s=0.0,
             jobs_total=0, jobs_done=0,
         )
@@ -242,7 +242,8 @@ class Runner:
             if rec is None:
                 if p.function not in refs:
                     refs[p.function] = reference(case, sets[0], p.function)
-                rec = self._attempt(self._layer_setup(p, case, sets, refs[p.function]), n, ctx, plan.timer)
+                rec = self._attempt(self._layer_setup(p, case, sets, refs[p.function], dev.type == "cuda"), n, ctx,
+                                    plan.timer)
             if rec.get("status") == "ok":
                 w = row["work"][p.function]
                 sec = rec["median_ms"] * 1e-3
@@ -255,7 +256,7 @@ class Runner:
         return row
 
     @staticmethod
-    def _layer_setup(p, case: LayerCase, sets, ref):
+    def _layer_setup(p, case: LayerCase, sets, ref, tf32: bool):
         ref_out, ref_grads = ref
         names = grad_names(case, p.function)
 
@@ -264,7 +265,8 @@ class Runner:
 
             def check():
                 out, grads = call(0)
-                return compare(out, grads, ref_out, ref_grads if grads is not None else None, names, case.torch_dtype)
+                return compare(out, grads, ref_out, ref_grads if grads is not None else None, names, case.torch_dtype,
+                               tf32=tf32)
 
             return call, check
 
@@ -346,6 +348,7 @@ class Runner:
         peaks = self.results["roofline"]
         ctx = torch.inference_mode if case.kind == "inference" else torch.enable_grad
         dt = DTYPES[case.dtype]
+        tf32 = dev.type == "cuda"  # the run enables TF32 (fp32 convs and matmuls on tensor cores)
         for name in plan.e2e_providers:
             p = E.E2E_PROVIDERS[name]
             rec = self._gate(p.unavailable(case, dev), p.min_budget_s)
@@ -357,9 +360,10 @@ class Runner:
                     def check():
                         out, grads, names = check_fn()
                         if case.kind == "inference":
-                            return compare(out, None, ref, None, [], dt, level="model")
+                            return compare(out, None, ref, None, [], dt, level="model", tf32=tf32)
                         ref_loss, ref_grads = ref
-                        return compare(out, grads, ref_loss, [ref_grads[k] for k in names], names, dt, level="model")
+                        return compare(out, grads, ref_loss, [ref_grads[k] for k in names], names, dt, level="model",
+                                       tf32=tf32)
 
                     return call, check
 

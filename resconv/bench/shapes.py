@@ -1,137 +1,12 @@
-"""The conv layers the suite measures, read off resconv's ResNet-18 rather than typed by hand.
-
-:func:`resnet18_layers` runs the model once on the ``meta`` device (no memory, no compute)
-with forward hooks on every fused conv module and keeps each distinct (conv shape,
-epilogue) pair with the number of times it occurs in the network. The same conv shape
-appears with two epilogues in a ResNet stage (``conv1``: BN + ReLU; ``conv2``: BN + add +
-ReLU), and both are measured.
-"""
+"""The layers a benchmark run measures: ResNet-18's (:func:`resconv.models.resnet18_layers`)
+and the scaled-down ones of the CPU smoke run."""
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-import torch
+from ..models.layers import IMAGE_SIZE, ConvLayer, resnet18_layers
 
-# Input resolution of each model variant (ImageNet 224x224, CIFAR 32x32).
-IMAGE_SIZE = {"imagenet": 224, "cifar": 32}
-NUM_CLASSES = {"imagenet": 1000, "cifar": 10}
-VARIANTS = ("imagenet", "cifar", "smoke")
-
-
-@dataclass(frozen=True)
-class ConvLayer:
-    """One distinct conv + BatchNorm (+ residual add) (+ ReLU) of a model, batch size aside.
-
-    Sizes in the field's names: input ``C x H x W``, filters ``K x C x R x S``, output
-    ``K x P x Q``; ``stride`` and ``padding`` (symmetric) as ``(h, w)`` pairs.
-    """
-
-    variant: str  # model it comes from: 'imagenet', 'cifar' or 'smoke'
-    name: str  # module path of its first occurrence, e.g. 'layer2.0.conv1'
-    C: int
-    K: int
-    H: int
-    W: int
-    R: int
-    S: int
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    relu: bool
-    residual: bool
-    first: bool = False  # the network's first layer: its input needs no gradient
-    count: int = 1  # occurrences in the model
-
-    @property
-    def P(self) -> int:
-        return (self.H + 2 * self.padding[0] - self.R) // self.stride[0] + 1
-
-    @property
-    def Q(self) -> int:
-        return (self.W + 2 * self.padding[1] - self.S) // self.stride[1] + 1
-
-    @property
-    def kind(self) -> str:
-        """'stem', '3x3s1', '3x3s2', '1x1s2', ... (filter size and stride)."""
-        if self.first:
-            return "stem"
-        return f"{self.R}x{self.S}s{self.stride[0]}"
-
-    @property
-    def epilogue(self) -> str:
-        return "bn" + ("+add" if self.residual else "") + ("+relu" if self.relu else "")
-
-    @property
-    def label(self) -> str:
-        """Short unique name, e.g. 'imagenet/layer2.0.conv1 3x3s2 64>128 56px bn+relu'."""
-        return f"{self.variant}/{self.name} {self.kind} {self.C}>{self.K} {self.H}px {self.epilogue}"
-
-    def key(self) -> tuple:
-        return (self.C, self.K, self.H, self.W, self.R, self.S, self.stride, self.padding, self.relu,
-                self.residual, self.first)
-
-    def as_dict(self) -> dict:
-        return dict(
-            variant=self.variant, name=self.name, kind=self.kind, epilogue=self.epilogue, label=self.label,
-            C=self.C, K=self.K, H=self.H, W=self.W, R=self.R, S=self.S, P=self.P, Q=self.Q,
-            stride=list(self.stride), padding=list(self.padding), relu=self.relu, residual=self.residual,
-            first=self.first, count=self.count,
-        )
-
-
-@functools.lru_cache(maxsize=None)
-def _layers(variant: str, size: int) -> tuple:
-    return tuple(_trace_layers(variant, size))
-
-
-def resnet18_layers(variant: str, image_size: int | None = None) -> list[ConvLayer]:
-    """Every distinct fused conv of ``resconv.models.resnet18(variant=variant)``, in network order.
-
-    Args:
-        variant ('imagenet' or 'cifar').
-        image_size (int or None): input height and width; None: 224 (imagenet) or 32 (cifar).
-    Returns:
-        list of ConvLayer with ``count`` = occurrences in the model.
-    """
-    if variant not in IMAGE_SIZE:
-        raise ValueError(f"variant: expected one of {tuple(IMAGE_SIZE)}, got {variant!r}")
-    return list(_layers(variant, IMAGE_SIZE[variant] if image_size is None else int(image_size)))
-
-
-def _trace_layers(variant: str, size: int) -> list[ConvLayer]:
-    from ..models import resnet18
-    from ..nn import _ConvBnNd
-
-    # Built on the CPU (0.4 s; initialising on "meta" goes through torch._refs, which
-    # imports torch._dynamo: seconds), then moved to "meta": the forward costs nothing.
-    model = resnet18(num_classes=NUM_CLASSES[variant], variant=variant).to("meta").eval()
-    found: dict[tuple, ConvLayer] = {}
-    first_name = None
-
-    def hook_for(name):
-        def hook(mod, args, out):
-            nonlocal first_name
-            first_name = first_name or name
-            _, C, H, W = args[0].shape
-            layer = ConvLayer(
-                variant=variant, name=name, C=C, K=mod.out_channels, H=H, W=W,
-                R=mod.kernel_size[0], S=mod.kernel_size[1], stride=tuple(mod.stride), padding=tuple(mod.padding),
-                relu=bool(mod._relu), residual=len(args) > 1 and args[1] is not None, first=name == first_name,
-            )
-            assert tuple(out.shape[2:]) == (layer.P, layer.Q), (name, out.shape, layer)
-            k = layer.key()
-            found[k] = replace(found[k], count=found[k].count + 1) if k in found else layer
-
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in model.named_modules() if isinstance(m, _ConvBnNd)]
-    try:
-        with torch.no_grad():
-            model(torch.empty(1, 3, size, size, device="meta"))
-    finally:
-        for h in handles:
-            h.remove()
-    return list(found.values())
+VARIANTS = tuple(IMAGE_SIZE) + ("smoke",)
 
 
 def smoke_layers(channel_div: int = 8, image_size: int = 8) -> list[ConvLayer]:
@@ -144,7 +19,8 @@ def smoke_layers(channel_div: int = 8, image_size: int = 8) -> list[ConvLayer]:
     for layer in resnet18_layers("cifar", image_size):
         if layer.first or (layer.residual and not any(o.residual for o in out)):
             C = layer.C if layer.first else max(1, layer.C // channel_div)
-            out.append(replace(layer, variant="smoke", C=C, K=max(1, layer.K // channel_div), count=1))
+            out.append(replace(layer, variant="smoke", C=C, K=max(1, layer.K // channel_div), count=1,
+                               names=(layer.name,)))
     return out
 
 
