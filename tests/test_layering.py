@@ -31,10 +31,11 @@ LAYERS = [
     ("resconv.functional", 3),
     ("resconv.nn", 4),
     ("resconv.models", 5), ("resconv.convert", 5),
-    ("resconv.verify", 6), ("resconv.train", 6), ("resconv.bench", 6),
+    ("resconv._app", 6), ("resconv.verify", 6), ("resconv.train", 6), ("resconv.bench", 6), ("resconv.build_cli", 6),
     ("resconv.cli", 7), ("resconv.__main__", 7), ("resconv", 8),
 ]
-APPS = ("resconv.verify", "resconv.train", "resconv.bench", "resconv.cli", "resconv.__main__")
+APPS = ("resconv._app", "resconv.verify", "resconv.train", "resconv.bench", "resconv.build_cli", "resconv.cli",
+        "resconv.__main__")
 
 
 def _modules() -> dict[str, Path]:
