@@ -90,7 +90,7 @@ __device__ __forceinline__ void masked_grad(const NKLView& g, const NKLView& o, 
   float gv = to_float(static_cast<const T*>(g.data)[n * g.sn + l * g.sl + c * g.sk]);
   if (relu) {
     const float ov = to_float(static_cast<const T*>(o.data)[n * o.sn + l * o.sl + c * o.sk]);
-    gv = ov > 0.f ? gv : 0.f;
+    gv = relu_grad_mask(ov, gv);
   }
   acc_g += gv;
   if (has_y) acc_gy += gv * (to_float(static_cast<const T*>(y.data)[n * y.sn + l * y.sl + c * y.sk]) - mu);

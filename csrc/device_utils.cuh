@@ -33,6 +33,9 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 
 // torch.relu semantics: max(v, 0) that keeps NaN.
 __device__ __forceinline__ float relu_keep_nan(float v) { return v < 0.f ? 0.f : v; }
+// The ReLU gradient given the ReLU's output o, as ATen's threshold_backward: 0 where o <= 0,
+// else g; where o is NaN the gradient passes (not `o > 0 ? g : 0`, which would drop it).
+__device__ __forceinline__ float relu_grad_mask(float o, float g) { return o <= 0.f ? 0.f : g; }
 
 // V values of T, aligned as one vector access.
 template <typename T, int V>

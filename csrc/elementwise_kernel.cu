@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThreads)
   if (relu) {
     const Vec<T, V> ov = load_vec<T, V>(out, base);
 #pragma unroll
-    for (int e = 0; e < V; ++e) g[e] = to_float(ov.v[e]) > 0.f ? g[e] : 0.f;
+    for (int e = 0; e < V; ++e) g[e] = relu_grad_mask(to_float(ov.v[e]), g[e]);
   }
   if (grad_res != nullptr) {
     Vec<T, V> r;

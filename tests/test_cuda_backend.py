@@ -672,6 +672,34 @@ def test_gpu_conv_bn_train(gpu, case, precision, fmt, res_relu):
 
 @pytest.mark.gpu
 @pytest.mark.cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_relu_gradient_passes_where_output_is_nan(gpu, dtype):
+    """Every CUDA kernel that applies the ReLU's gradient (bn_backward_dy, bn_backward_reduce,
+    the dgrad/wgrad prologue) follows threshold_backward: zero where out <= 0, g where out is
+    NaN (``out > 0 ? g : 0`` dropped it)."""
+    N, K, P, Q = 2, 16, 5, 5
+    g = _input((N, K, P, Q), dtype, "nhwc", gpu)
+    out = torch.relu(_input((N, K, P, Q), dtype, "nhwc", gpu))
+    out[torch.rand(out.shape, device=gpu) < 0.2] = float("nan")
+    a = torch.rand(K, device=gpu) + 0.5
+    o = torch.ops.resconv
+    g64 = torch.ops.aten.threshold_backward(g.double(), out.double(), 0.0).cpu()
+    dy, gres = o.cuda_bn_backward_dy(g, out, None, a, None, None, None, True, True, dtype)
+    assert torch.equal(gres.cpu().double(), g64.to(dtype).double()), "grad_residual"
+    assert_close("dy", dy, g64 * a.double().cpu().view(1, -1, 1, 1), str(dtype).replace("torch.", ""))
+    sum_g, _ = o.cuda_bn_backward_reduce(g, out, None, None, True)
+    assert_close("sum_g", sum_g, g64.sum((0, 2, 3)), str(dtype).replace("torch.", ""))
+    # dgrad with the prologue: dy = a * threshold_backward(g, out) in its loads
+    w = _input((K, 8, 3, 3), dtype, "nhwc", gpu)
+    dx = o.cuda_conv2d_dgrad(g, w, out, None, a, None, None, None, [N, 8, 7, 7], [1, 1], [0, 0, 0, 0], [1, 1], 1,
+                             True, False)
+    dy64 = (g64 * a.double().cpu().view(1, -1, 1, 1)).to(dtype).double()
+    ref = torch.nn.grad.conv2d_input((N, 8, 7, 7), w.double().cpu(), dy64)
+    assert_close("dgrad", dx, ref, str(dtype).replace("torch.", ""), grad=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_empty_batch(gpu, dtype):
     x = torch.randn(0, 8, 5, 5, device=gpu, dtype=dtype)
