@@ -7,6 +7,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "chan.cuh"
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "resconv's CUDA kernels need compute capability 8.0 or newer (cp.async, bf16/tf32 mma.sync): remove older architectures from TORCH_CUDA_ARCH_LIST"
 #endif
@@ -122,15 +124,5 @@ struct Mma<float> {  // TF32 inputs (already rounded with to_tf32)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
 };
-
-// Chan, Golub & LeVeque (1979): merge moments (n_b, mean_b, m2_b) into (n, mean, m2).
-__device__ __forceinline__ void chan_combine(float& n, float& mean, float& m2, float n_b, float mean_b, float m2_b) {
-  const float n_ab = n + n_b;
-  const float w_b = n_ab > 0.f ? n_b / n_ab : 0.f;
-  const float d = mean_b - mean;
-  mean = mean + d * w_b;
-  m2 = m2 + m2_b + d * d * n * w_b;
-  n = n_ab;
-}
 
 }  // namespace resconv

@@ -79,6 +79,20 @@ def bn_input_grad_coefficients(
     return gi, -gi * invstd * invstd * sum_gy / count, -gi * sum_g / count
 
 
+def empty_batch_statistics(K: int, eps: float, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                           device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(mean, invstd, var_unbiased, a, b) of a batch with no values (N*P*Q = 0), each Tensor[K]
+    fp32: the identity normalisation, mean 0 and variance 1, never NaN. BatchNorm2d returns an
+    empty output for an empty batch and leaves its running statistics untouched; these numbers
+    normalise nothing, and the callers skip the running-statistics update."""
+    mean = torch.zeros(K, dtype=torch.float32, device=device)
+    var = torch.ones(K, dtype=torch.float32, device=device)
+    invstd = torch.full((K,), (1.0 + eps) ** -0.5, dtype=torch.float32, device=device)
+    a = invstd if bn_weight is None else bn_weight.float() * invstd
+    b = torch.zeros_like(mean) if bn_bias is None else bn_bias.float().clone()
+    return mean, invstd, var, a, b
+
+
 def centred_shift(bn_bias: Optional[Tensor], like: Tensor) -> Tensor:
     """beta (Tensor[K]) as the fp32 shift of the centred apply ``(y - mean) * a + beta``
     (zeros like ``like`` without affine)."""
