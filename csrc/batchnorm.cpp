@@ -35,9 +35,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_finalize(const Tensor& cou
   if (K == 0) return {out_mean, invstd, var, a, b};
   const Tensor c = count.contiguous(), mu = mean.contiguous(), sq = m2.contiguous();
   const Tensor gamma = as_float_vector(weight), beta = as_float_vector(bias);
+  TORCH_CHECK_VALUE(tree_level_rows(T) < (int64_t(1) << 31) && (K + 31) / 32 <= 65535, op, ": mean: too large, shape ",
+                    mean.sizes());
+  Tensor workspace = at::empty({tree_workspace_floats(T, K, 2, true)}, f32);
   launch_bn_finalize(c.data_ptr<float>(), mu.data_ptr<float>(), sq.data_ptr<float>(), T, K, float_ptr(gamma),
                      float_ptr(beta), eps, out_mean.data_ptr<float>(), invstd.data_ptr<float>(), var.data_ptr<float>(),
-                     a.data_ptr<float>(), b.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+                     a.data_ptr<float>(), b.data_ptr<float>(), workspace.data_ptr<float>(),
+                     c10::cuda::getCurrentCUDAStream());
   return {out_mean, invstd, var, a, b};
 }
 
@@ -114,12 +118,13 @@ std::tuple<Tensor, Tensor> bn_backward_reduce(const Tensor& grad_out_in, const O
                     grad_out.sizes());
   Tensor partial_g = at::empty({T, K}, f32);
   Tensor partial_gy = has_y ? at::empty({T, K}, f32) : Tensor();
+  Tensor workspace = at::empty({tree_workspace_floats(T, K, 2, false)}, f32);
   const NKLView none{nullptr, 0, 0, 0};
   launch_bn_backward_reduce(nkl_view(grad_out), relu ? nkl_view(out) : none, has_y ? nkl_view(y) : none,
                             float_ptr(mean), to_dtype(grad_out.scalar_type()), N, K, L, relu,
                             partial_g.data_ptr<float>(), has_y ? partial_gy.data_ptr<float>() : nullptr,
                             sum_g.data_ptr<float>(), has_y ? sum_gy.data_ptr<float>() : nullptr,
-                            c10::cuda::getCurrentCUDAStream());
+                            workspace.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   return {sum_g, sum_gy};
 }
 

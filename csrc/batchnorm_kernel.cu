@@ -11,9 +11,39 @@ namespace resconv {
 namespace {
 
 // Column reductions over T rows of [T, K] fp32 buffers: block (32 channels) x (16 lanes),
-// lane ty takes rows ty, ty + 16, ...; the 16 lane results are then merged in lane order.
+// lane ty takes rows ty, ty + 16, ...; the 16 lane results are then merged in lane order. Over
+// more than kTreeChunk rows, tree levels of such blocks run first (kernels.h).
 constexpr int kColC = 32;
 constexpr int kColT = 16;
+
+// The block reduction of the finalize and of its tree levels: channel column tx (k < K), lane ty
+// merges partials t0 + ty, t0 + ty + 16, ... < t1 relative to the block's first partial mean (a
+// pivot: each merge then rounds at the scale of the partials' spread, not of a large common
+// offset), then lane 0 merges the 16 lanes in order. For ty == 0 and k < K: (n, mean, m2),
+// the mean absolute. Every thread of the block calls it (it synchronises).
+__device__ __forceinline__ bool merge_partials(const float* __restrict__ count, const float* __restrict__ pmean,
+                                               const float* __restrict__ pm2, int64_t t0, int64_t t1, int64_t K,
+                                               int64_t k, float& n, float& mean, float& m2) {
+  __shared__ float s_n[kColT][kColC];
+  __shared__ float s_mean[kColT][kColC];
+  __shared__ float s_m2[kColT][kColC];
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const float pivot = (k < K && t1 > t0) ? pmean[t0 * K + k] : 0.f;
+  n = 0.f, mean = 0.f, m2 = 0.f;
+  if (k < K) {
+    for (int64_t t = t0 + ty; t < t1; t += kColT)
+      chan_combine(n, mean, m2, count[t], pmean[t * K + k] - pivot, pm2[t * K + k]);
+  }
+  s_n[ty][tx] = n;
+  s_mean[ty][tx] = mean;
+  s_m2[ty][tx] = m2;
+  __syncthreads();
+  if (ty != 0 || k >= K) return false;
+  for (int j = 1; j < kColT; ++j) chan_combine(n, mean, m2, s_n[j][tx], s_mean[j][tx], s_m2[j][tx]);
+  mean += pivot;
+  return true;
+}
 
 __global__ void __launch_bounds__(kColC* kColT)
     bn_finalize_kernel(const float* __restrict__ count, const float* __restrict__ pmean,
@@ -21,27 +51,14 @@ __global__ void __launch_bounds__(kColC* kColT)
                        const float* __restrict__ beta, float eps, float* __restrict__ out_mean,
                        float* __restrict__ out_invstd, float* __restrict__ out_var, float* __restrict__ out_a,
                        float* __restrict__ out_b) {
-  __shared__ float s_n[kColT][kColC];
-  __shared__ float s_mean[kColT][kColC];
-  __shared__ float s_m2[kColT][kColC];
-  const int tx = threadIdx.x;
-  const int ty = threadIdx.y;
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kColC + tx;
-  // Partial means are merged relative to the first one (a pivot), so that each merge rounds
-  // at the scale of their spread, not of a large common offset.
-  const float pivot = (k < K && T > 0) ? pmean[k] : 0.f;
-  float n = 0.f, mean = 0.f, m2 = 0.f;
-  if (k < K) {
-    for (int64_t t = ty; t < T; t += kColT)
-      chan_combine(n, mean, m2, count[t], pmean[t * K + k] - pivot, pm2[t * K + k]);
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kColC + threadIdx.x;
+  float n, mean, m2;
+  if (!merge_partials(count, pmean, pm2, 0, T, K, k, n, mean, m2)) return;
+  if (n == 0.f) {  // an empty batch has no statistics: the identity normalisation (mean 0, var 1)
+    mean = 0.f;
+    m2 = 1.f;
+    n = 1.f;
   }
-  s_n[ty][tx] = n;
-  s_mean[ty][tx] = mean;
-  s_m2[ty][tx] = m2;
-  __syncthreads();
-  if (ty != 0 || k >= K) return;
-  for (int j = 1; j < kColT; ++j) chan_combine(n, mean, m2, s_n[j][tx], s_mean[j][tx], s_m2[j][tx]);
-  mean += pivot;
   const float var = m2 / n;  // biased: normalises the batch
   const float invstd = 1.f / sqrtf(var + eps);
   const float a = gamma != nullptr ? gamma[k] * invstd : invstd;
@@ -51,6 +68,24 @@ __global__ void __launch_bounds__(kColC* kColT)
   out_var[k] = m2 / fmaxf(n - 1.f, 1.f);  // unbiased: feeds running_var
   out_a[k] = a;
   out_b[k] = b;
+}
+
+// One level of the finalize's tree: block (x = chunk, y = 32 channels) merges partials
+// [x * kTreeChunk, (x + 1) * kTreeChunk) as the final kernel does (lane ty takes every 16th,
+// relative to the chunk's first mean; then the 16 lanes in order) into partial x of the next
+// level: out_count[x] (written by the first channel block), out_mean[x, k], out_m2[x, k].
+__global__ void __launch_bounds__(kColC* kColT)
+    bn_merge_level_kernel(const float* __restrict__ count, const float* __restrict__ pmean,
+                          const float* __restrict__ pm2, int64_t T, int64_t K, float* __restrict__ out_count,
+                          float* __restrict__ out_mean, float* __restrict__ out_m2) {
+  const int64_t k = static_cast<int64_t>(blockIdx.y) * kColC + threadIdx.x;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTreeChunk;
+  const int64_t t1 = t0 + kTreeChunk < T ? t0 + kTreeChunk : T;
+  float n, mean, m2;
+  if (!merge_partials(count, pmean, pm2, t0, t1, K, k, n, mean, m2)) return;
+  out_mean[blockIdx.x * K + k] = mean;
+  out_m2[blockIdx.x * K + k] = m2;
+  if (k == 0) out_count[blockIdx.x] = n;
 }
 
 template <typename R, typename Acc>
@@ -90,7 +125,7 @@ __device__ __forceinline__ void masked_grad(const NKLView& g, const NKLView& o, 
   float gv = to_float(static_cast<const T*>(g.data)[n * g.sn + l * g.sl + c * g.sk]);
   if (relu) {
     const float ov = to_float(static_cast<const T*>(o.data)[n * o.sn + l * o.sl + c * o.sk]);
-    gv = ov > 0.f ? gv : 0.f;
+    gv = relu_grad_mask(ov, gv);
   }
   acc_g += gv;
   if (has_y) acc_gy += gv * (to_float(static_cast<const T*>(y.data)[n * y.sn + l * y.sl + c * y.sk]) - mu);
@@ -161,17 +196,19 @@ __global__ void __launch_bounds__(kRedThreads)
   }
 }
 
-__global__ void __launch_bounds__(kColC* kColT)
-    bn_backward_sum_kernel(const float* __restrict__ partial_g, const float* __restrict__ partial_gy, int64_t T,
-                           int64_t K, bool has_y, float* __restrict__ sum_g, float* __restrict__ sum_gy) {
+// The block reduction of the backward sums and of their tree levels (as merge_partials): lane ty
+// of channel column tx sums partials t0 + ty, t0 + ty + 16, ... < t1, lane 0 the 16 lanes in
+// order. For ty == 0 and k < K: the sums. Every thread of the block calls it.
+__device__ __forceinline__ bool sum_partials(const float* __restrict__ partial_g, const float* __restrict__ partial_gy,
+                                             int64_t t0, int64_t t1, int64_t K, int64_t k, bool has_y, float& a,
+                                             float& b) {
   __shared__ float s_g[kColT][kColC];
   __shared__ float s_gy[kColT][kColC];
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kColC + tx;
-  float a = 0.f, b = 0.f;
+  a = 0.f, b = 0.f;
   if (k < K) {
-    for (int64_t t = ty; t < T; t += kColT) {
+    for (int64_t t = t0 + ty; t < t1; t += kColT) {
       a += partial_g[t * K + k];
       if (has_y) b += partial_gy[t * K + k];
     }
@@ -179,11 +216,34 @@ __global__ void __launch_bounds__(kColC* kColT)
   s_g[ty][tx] = a;
   s_gy[ty][tx] = b;
   __syncthreads();
-  if (ty != 0 || k >= K) return;
+  if (ty != 0 || k >= K) return false;
   for (int j = 1; j < kColT; ++j) {
     a += s_g[j][tx];
     b += s_gy[j][tx];
   }
+  return true;
+}
+
+// One level of the backward sums' tree: block (x = chunk, y = 32 channels) sums partials
+// [x * kTreeChunk, (x + 1) * kTreeChunk) into partial x of the next level.
+__global__ void __launch_bounds__(kColC* kColT)
+    bn_sum_level_kernel(const float* __restrict__ partial_g, const float* __restrict__ partial_gy, int64_t T,
+                        int64_t K, bool has_y, float* __restrict__ out_g, float* __restrict__ out_gy) {
+  const int64_t k = static_cast<int64_t>(blockIdx.y) * kColC + threadIdx.x;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTreeChunk;
+  const int64_t t1 = t0 + kTreeChunk < T ? t0 + kTreeChunk : T;
+  float a, b;
+  if (!sum_partials(partial_g, partial_gy, t0, t1, K, k, has_y, a, b)) return;
+  out_g[blockIdx.x * K + k] = a;
+  if (has_y) out_gy[blockIdx.x * K + k] = b;
+}
+
+__global__ void __launch_bounds__(kColC* kColT)
+    bn_backward_sum_kernel(const float* __restrict__ partial_g, const float* __restrict__ partial_gy, int64_t T,
+                           int64_t K, bool has_y, float* __restrict__ sum_g, float* __restrict__ sum_gy) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kColC + threadIdx.x;
+  float a, b;
+  if (!sum_partials(partial_g, partial_gy, 0, T, K, k, has_y, a, b)) return;
   sum_g[k] = a;
   if (has_y) sum_gy[k] = b;
 }
@@ -194,7 +254,21 @@ unsigned blocks_for(int64_t n, int64_t per_block) { return static_cast<unsigned>
 
 void launch_bn_finalize(const float* count, const float* mean, const float* m2, int64_t T, int64_t K,
                         const float* gamma, const float* beta, double eps, float* out_mean, float* out_invstd,
-                        float* out_var, float* out_a, float* out_b, cudaStream_t stream) {
+                        float* out_var, float* out_a, float* out_b, float* workspace, cudaStream_t stream) {
+  // Tree levels, ping-ponging between the two halves of the workspace (each sized for level 1).
+  const int64_t T1 = tree_level_rows(T);
+  float* bufs[2] = {workspace, workspace + (T1 + 2 * T1 * K)};
+  int which = 0;
+  while (T > kTreeChunk) {
+    const int64_t Tn = tree_level_rows(T);
+    float* oc = bufs[which];
+    float* om = oc + T1;
+    float* oq = om + T1 * K;
+    bn_merge_level_kernel<<<dim3(static_cast<unsigned>(Tn), blocks_for(K, kColC)), dim3(kColC, kColT), 0, stream>>>(
+        count, mean, m2, T, K, oc, om, oq);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    count = oc, mean = om, m2 = oq, T = Tn, which ^= 1;
+  }
   bn_finalize_kernel<<<blocks_for(K, kColC), dim3(kColC, kColT), 0, stream>>>(
       count, mean, m2, T, K, gamma, beta, static_cast<float>(eps), out_mean, out_invstd, out_var, out_a, out_b);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -229,7 +303,7 @@ void launch_update_running_stats(void* running_mean, void* running_var, DType dt
 
 void launch_bn_backward_reduce(NKLView grad_out, NKLView out, NKLView y, const float* mean, DType dt, int64_t N,
                                int64_t K, int64_t L, bool relu, float* partial_g, float* partial_gy, float* sum_g,
-                               float* sum_gy, cudaStream_t stream) {
+                               float* sum_gy, float* workspace, cudaStream_t stream) {
   const int64_t NL = N * L;
   const int64_t T = (NL + kReduceRows - 1) / kReduceRows;
   const bool has_y = y.data != nullptr;
@@ -252,8 +326,24 @@ void launch_bn_backward_reduce(NKLView grad_out, NKLView out, NKLView y, const f
       TORCH_CHECK(false, "bn_backward_reduce: unsupported dtype");
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  bn_backward_sum_kernel<<<blocks_for(K, kColC), dim3(kColC, kColT), 0, stream>>>(partial_g, partial_gy, T, K,
-                                                                                  has_y, sum_g, sum_gy);
+  // Tree levels (as launch_bn_finalize's), then the last block.
+  const int64_t T1 = tree_level_rows(T);
+  float* bufs[2] = {workspace, workspace + 2 * T1 * K};
+  const float* pg = partial_g;
+  const float* pgy = partial_gy;
+  int64_t t = T;
+  int which = 0;
+  while (t > kTreeChunk) {
+    const int64_t tn = tree_level_rows(t);
+    float* og = bufs[which];
+    float* ogy = og + T1 * K;
+    bn_sum_level_kernel<<<dim3(static_cast<unsigned>(tn), blocks_for(K, kColC)), dim3(kColC, kColT), 0, stream>>>(
+        pg, pgy, t, K, has_y, og, ogy);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    pg = og, pgy = ogy, t = tn, which ^= 1;
+  }
+  bn_backward_sum_kernel<<<blocks_for(K, kColC), dim3(kColC, kColT), 0, stream>>>(pg, pgy, t, K, has_y, sum_g,
+                                                                                  sum_gy);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -91,6 +91,18 @@ void check_same_device(const OptTensor& t, const Tensor& ref, const char* op, co
                     ref.device(), ", got ", t->device());
 }
 
+void check_conv_ranges(const char* op, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t R, int64_t S, const char* weight_name) {
+  constexpr int64_t k16 = int64_t(1) << 16, k30 = int64_t(1) << 30;
+  for (const int64_t v : stride) TORCH_CHECK_VALUE(v < k16, op, ": stride: expected values below 65536, got ", stride);
+  for (const int64_t v : dilation)
+    TORCH_CHECK_VALUE(v < k16, op, ": dilation: expected values below 65536, got ", dilation);
+  for (const int64_t v : padding)
+    TORCH_CHECK_VALUE(v < k30, op, ": padding: expected values below 2^30, got ", padding);
+  TORCH_CHECK_VALUE(R < k16 && S < k16, op, ": ", weight_name, ": expected a kernel size below 65536, got ", R, " x ",
+                    S);
+}
+
 Tensor as_float_vector(const OptTensor& t) {
   if (!t.has_value() || !t->defined()) return Tensor();
   return t->to(at::kFloat).contiguous();
@@ -100,13 +112,26 @@ ForcedKernel forced_conv_kernel(ConvTile& tile) {
   const char* v = std::getenv("RESCONV_CUDA_CONV_KERNEL");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return ForcedKernel::Auto;
   if (std::strcmp(v, "simt") == 0) return ForcedKernel::Simt;
+  if (std::strcmp(v, "hopper") == 0) return ForcedKernel::Hopper;
   if (std::strcmp(v, "tc128x128") == 0) tile = ConvTile::M128N128;
   else if (std::strcmp(v, "tc128x64") == 0) tile = ConvTile::M128N64;
   else if (std::strcmp(v, "tc64x64") == 0) tile = ConvTile::M64N64;
   else
-    TORCH_CHECK_VALUE(false, "RESCONV_CUDA_CONV_KERNEL: expected auto, tc128x128, tc128x64, tc64x64 or simt, got '",
-                      v, "'");
+    TORCH_CHECK_VALUE(false,
+                      "RESCONV_CUDA_CONV_KERNEL: expected auto, hopper, tc128x128, tc128x64, tc64x64 or simt, got '", v,
+                      "'");
   return ForcedKernel::Tile;
+}
+
+Tensor pad_channels_last(const Tensor& x, int64_t vec) {
+  const int64_t C = x.size(1);
+  const int64_t Cp = (C + vec - 1) / vec * vec;
+  // at::empty honours the options' memory format; at::zeros drops it (it returned an NCHW
+  // tensor here, which the kernels then read as NHWC).
+  Tensor xp = at::empty({x.size(0), Cp, x.size(2), x.size(3)}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  xp.zero_();
+  xp.narrow(1, 0, C).copy_(x);
+  return xp;
 }
 
 NKLView nkl_view(const Tensor& t) {

@@ -53,6 +53,12 @@ void check_cuda(const Tensor& t, const char* op, const char* name);
 void check_same_device(const OptTensor& t, const Tensor& ref, const char* op, const char* name,
                        const char* ref_name);
 
+// Upper bounds of the conv arguments, checked before any product or int cast of them (the
+// kernels take stride, padding and dilation as int): stride and dilation below 2^16, padding
+// below 2^30, kernel sizes R, S below 2^16. ValueError naming the argument otherwise.
+void check_conv_ranges(const char* op, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t R, int64_t S, const char* weight_name);
+
 // [K] fp32 contiguous copy (or t itself), undefined Tensor when absent.
 Tensor as_float_vector(const OptTensor& t);
 
@@ -60,11 +66,12 @@ inline const float* float_ptr(const Tensor& t) { return t.defined() ? t.data_ptr
 inline const void* data_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 // Test aid for the conv kernels (fprop, dgrad, wgrad): RESCONV_CUDA_CONV_KERNEL=
-// tc128x128|tc128x64|tc64x64|simt forces a kernel where the call allows it (the tensor cores
-// never serve float32 without TF32, nor channel counts that are not a multiple of the vector
-// width), so small test shapes reach every kernel. Tile: `tile` is set. Raises ValueError on
-// an unknown value.
-enum class ForcedKernel { Auto, Tile, Simt };
+// tc128x128|tc128x64|tc64x64|simt forces a hand-written kernel where the call allows it (the
+// tensor cores never serve float32 without TF32, nor channel counts that are not a multiple of
+// the vector width), so small test shapes reach every kernel; `hopper` requires the Hopper
+// kernels (ValueError with the plan's reason where they cannot serve the call; with the
+// switch on). Tile: `tile` is set. Raises ValueError on an unknown value.
+enum class ForcedKernel { Auto, Tile, Simt, Hopper };
 ForcedKernel forced_conv_kernel(ConvTile& tile);
 
 // Whether t's data (if defined) starts on a 16-byte boundary (cp.async / vector accesses).
@@ -75,6 +82,11 @@ inline bool aligned16(const Tensor& t) {
 // Dense in `fmt` with a 16-byte aligned base (cp.async reads 16-byte vectors): t or a copy.
 Tensor dense_aligned(const Tensor& t, at::MemoryFormat fmt);
 inline Tensor channels_last_aligned(const Tensor& t) { return dense_aligned(t, at::MemoryFormat::ChannelsLast); }
+
+// t [N, C, H, W] (an input, or a filter [K, C, R, S]) with C zero-padded to a multiple of
+// `vec` channels, channels-last, 16-byte aligned (a fresh copy: the RGB stem on tensor cores,
+// groups == 1 only).
+Tensor pad_channels_last(const Tensor& x, int64_t vec);
 
 // [N, K, P, Q] dense tensor viewed as [N, K, L].
 NKLView nkl_view(const Tensor& t);

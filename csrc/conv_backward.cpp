@@ -9,6 +9,8 @@
 //  * everything else (IEEE fp32, depthwise / odd channel counts): the SIMT kernels.
 // The tensor-core kernels read dy (with relu_out, y) and x channels-last (NHWC, the native
 // layout): other layouts are converted here; the SIMT kernels read any layout through strides.
+#include "filter_cache.h"
+#include "hopper_host.h"
 #include "ops.h"
 
 #include <c10/cuda/CUDAGuard.h>
@@ -53,11 +55,8 @@ Geometry backward_geometry(const char* op, at::IntArrayRef in, const char* input
   TORCH_CHECK_VALUE(g.K >= 1 && g.K % groups == 0, op, ": ", weight_name,
                     ": expected K = shape[0] >= 1 divisible by groups = ", groups, ", got ", g.K);
   TORCH_CHECK_VALUE(g.R >= 1 && g.S >= 1, op, ": ", weight_name, ": expected a non-empty kernel, got ", wsz);
-  // Bounded so that the products below cannot overflow int64.
-  TORCH_CHECK_VALUE(stride[0] < (1 << 16) && stride[1] < (1 << 16) && dilation[0] < (1 << 16) &&
-                        dilation[1] < (1 << 16) && padding[0] < (1 << 30) && padding[1] < (1 << 30) &&
-                        padding[2] < (1 << 30) && padding[3] < (1 << 30) && g.R < (1 << 16) && g.S < (1 << 16),
-                    op, ": stride, dilation, padding or kernel size out of range");
+  // Bounded so that the products below cannot overflow int64 (and the kernels' int casts hold).
+  check_conv_ranges(op, stride, padding, dilation, g.R, g.S, weight_name);
   const int64_t eff_r = dilation[0] * (g.R - 1) + 1;
   const int64_t eff_s = dilation[1] * (g.S - 1) + 1;
   const int64_t hp = g.H + padding[0] + padding[1];
@@ -150,18 +149,19 @@ DyPrologueArgs prologue_args(const DyOperands& o) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The Hopper plan's view of this backward call (hopper_plan.h).
+HopperCall hopper_backward_call(HopperOp op, const Tensor& grad, const Geometry& g, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool allow_tf32,
+                                bool prologue, bool out_channels_last) {
+  HopperCall c = hopper_call(op, grad, allow_tf32, {g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q}, stride, padding,
+                             dilation, groups);
+  c.prologue = prologue;
+  c.out_channels_last = out_channels_last;
+  return c;
+}
+
 int64_t tile_rows(ConvTile t) { return t == ConvTile::M64N64 ? 64 : 128; }
 int64_t tile_cols(ConvTile t) { return t == ConvTile::M128N128 ? 128 : 64; }
-
-// x with C zero-padded to a multiple of `vec` channels, channels-last (groups == 1 only).
-Tensor pad_channels(const Tensor& x, int64_t vec) {
-  const int64_t C = x.size(1);
-  const int64_t Cp = ceil_div(C, vec) * vec;
-  Tensor xp =
-      at::zeros({x.size(0), Cp, x.size(2), x.size(3)}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  xp.narrow(1, 0, C).copy_(x);
-  return xp;
-}
 
 }  // namespace
 
@@ -195,13 +195,30 @@ Tensor conv2d_dgrad(const Tensor& grad, const Tensor& weight, const OptTensor& r
   const int64_t vec = 16 / grad.element_size();
   ConvTile forced_tile = ConvTile::M64N64;
   const ForcedKernel forced = forced_conv_kernel(forced_tile);
+
+  // The Hopper path (hopper_plan.h): unit stride, a materialised dy, channels-last dx.
+  const HopperCall hc = hopper_backward_call(HopperOp::Dgrad, grad, g, stride, padding, dilation, groups, allow_tf32,
+                                             a.has_value(), channels_last);
+  if (take_hopper_path(op, hopper_unsupported(hc), forced)) {
+    const Tensor dy = channels_last_aligned(grad);
+    const Tensor w = packed_filter(weight, FilterLayout::KRSC, 1, 1).t;  // [K, R, S, C]: CUTLASS's dgrad B operand
+    HopperConv conv;
+    conv.call = hc;
+    conv.a = dy.data_ptr();
+    conv.b = w.data_ptr();
+    conv.d = dx.data_ptr();  // channels-last: [N, H, W, C] dense
+    conv.d_sn = dx.stride(0), conv.d_sh = dx.stride(2), conv.d_sw = dx.stride(3);
+    conv.sm_count = static_cast<int>(hc.sm_count);
+    if (hopper_launch(op, conv, dy, forced)) return dx;
+  }
   const bool use_tc = (!is_f32 || allow_tf32) && g.Kg % vec == 0 && forced != ForcedKernel::Simt;
 
   const DyOperands d = prepare_dy(grad, relu_out, y, a, b, c, mean, use_tc);
   // Tensor cores: filters as [groups, R, S, Cg, Kg], so that a tile row (one input channel
-  // of one tap) is contiguous along the reduction over k. Small next to the activations.
-  const Tensor w = use_tc ? weight.reshape({groups, g.Kg, g.Cg, g.R, g.S}).permute({0, 3, 4, 2, 1}).contiguous()
-                          : weight;
+  // of one tap) is contiguous along the reduction over k; repacked once per change of the
+  // filter (cached), with a 16-byte aligned base (cp.async reads 16-byte vectors; a plain
+  // `.contiguous()` returns a view, storage offset included, when the layout already matches).
+  const Tensor w = use_tc ? packed_filter(weight, FilterLayout::GRSCK, groups, 1).t : weight;
 
   ConvDgradParams p{};
   p.dy = d.dy.data_ptr();
@@ -307,12 +324,35 @@ std::tuple<Tensor, Tensor> conv2d_wgrad(const Tensor& grad, const Tensor& x, con
   const int64_t vec = 16 / grad.element_size();
   ConvTile forced_tile = ConvTile::M64N64;
   const ForcedKernel forced = forced_conv_kernel(forced_tile);
+
+  // The Hopper path (hopper_plan.h): a materialised dy, enough dW tiles to fill the GPU, and
+  // no requested split count (that is the hand-written kernels' reproducibility contract).
+  const HopperCall hc = hopper_backward_call(HopperOp::Wgrad, grad, g, stride, padding, dilation, groups, allow_tf32,
+                                             a.has_value(), true);
+  const char* why = split_k > 0 ? "a split count was requested" : hopper_unsupported(hc);
+  if (take_hopper_path(op, why, forced)) {
+    const Tensor dy = channels_last_aligned(grad);
+    const Tensor xin = channels_last_aligned(x);
+    // dW as [K, R, S, C] dense: the weight's own layout when it is channels-last, else a copy.
+    Tensor krsc = weight_channels_last ? gw : new_output(weight_size, x.options(), at::MemoryFormat::ChannelsLast);
+    HopperConv conv;
+    conv.call = hc;
+    conv.a = dy.data_ptr();
+    conv.b = xin.data_ptr();
+    conv.d = krsc.data_ptr();
+    conv.sm_count = static_cast<int>(hc.sm_count);
+    if (hopper_launch(op, conv, dy, forced)) {
+      if (!weight_channels_last) gw.copy_(krsc);
+      if (need_bias) gb.copy_(dy.sum({0, 2, 3}, false, at::kFloat));  // ATen's fixed-order reduction
+      return {gw, gb};
+    }
+  }
   const bool use_tc = (!is_f32 || allow_tf32) && g.Kg % vec == 0 && (g.Cg % vec == 0 || groups == 1) &&
                       forced != ForcedKernel::Simt;
   const bool pad = use_tc && g.Cg % vec != 0;
 
   const DyOperands d = prepare_dy(grad, relu_out, y, a, b, c, mean, use_tc);
-  const Tensor xin = pad ? pad_channels(x, vec) : (use_tc ? channels_last_aligned(x) : x);
+  const Tensor xin = pad ? pad_channels_last(x, vec) : (use_tc ? channels_last_aligned(x) : x);
   const int64_t Cg = pad ? xin.size(1) : g.Cg;  // padded columns are computed, never stored
 
   ConvTile tile = forced_tile;

@@ -9,7 +9,7 @@ namespace resconv {
 // dy of one element of output channel k (global index), from g, relu_out (o) and y, in fp32.
 // Same operation order as the unfused path (resconv.ops._conv_backward.DyPrologue.materialize).
 __device__ __forceinline__ float prologue_dy(const DyPrologueArgs& pro, int64_t k, float g, float o, float yv) {
-  float v = pro.relu_out != nullptr ? (o > 0.f ? g : 0.f) : g;
+  float v = pro.relu_out != nullptr ? relu_grad_mask(o, g) : g;
   v = v * __ldg(pro.a + k);
   if (pro.y != nullptr) v = v + __ldg(pro.b + k) * (yv - __ldg(pro.mean + k)) + __ldg(pro.c + k);
   return v;

@@ -183,16 +183,16 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_tc_kernel(const ConvDgrad
   // Loader: thread -> 16-byte vector `vcol` of rows lrow + 64 * pass.
   const int vcol = tid & 3;
   const int lrow = tid >> 2;
-  int64_t a_base[A_PASSES];  // dy offset of (n, p = 0, q = 0, group's first channel)
+  int64_t a_row[A_PASSES];  // dy offset of (n, a_p, a_q, group's first channel): the first taps' pixel
   int a_p[A_PASSES], a_q[A_PASSES];  // output row / column of the first taps (jr = js = 0)
   bool a_ok[A_PASSES];
 #pragma unroll
   for (int i = 0; i < A_PASSES; ++i) {
     const PhaseRow r = phase_row(ph, m0 + lrow + 64 * i);
     a_ok[i] = r.ok;
-    a_base[i] = r.n * p.dy_sn + static_cast<int64_t>(grp) * Kg;  // channel stride 1
     a_p[i] = r.i + ph.h.base;
     a_q[i] = r.j + ph.w.base;
+    a_row[i] = r.n * p.dy_sn + a_p[i] * p.dy_sp + a_q[i] * p.dy_sq + static_cast<int64_t>(grp) * Kg;  // channel stride 1
   }
   int64_t b_col[B_PASSES];
   bool b_ok[B_PASSES];
@@ -207,23 +207,27 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_tc_kernel(const ConvDgrad
   const int KT = ph.h.taps * ph.w.taps * n_kb;
   [[maybe_unused]] uint32_t valid_bits = 0;  // PRO: bit (slot * A_PASSES + i): that dy vector lies inside dy
 
-  auto load_stage = [&](int slot, int kt) {
-    const int kb = kt % n_kb;
-    const int tap = kt / n_kb;
-    const int jr = tap / ph.w.taps;
-    const int js = tap - jr * ph.w.taps;
-    const int r = ph.h.tap0 + jr * p.ph_h.tap_step;
-    const int s = ph.w.tap0 + js * p.ph_w.tap_step;
-    const int dp = jr * p.ph_h.out_step;
-    const int dq = js * p.ph_w.out_step;
+  // The reduction walk (tap jr, tap js, channel block kb) of this phase, advanced slice by slice
+  // without division (conv_walk.h); loads are issued in slice order.
+  PhaseGeometry pg;
+  pg.n_kb = n_kb, pg.taps_w = ph.w.taps;
+  pg.tap0_h = ph.h.tap0, pg.tap0_w = ph.w.tap0;
+  pg.tap_step_h = p.ph_h.tap_step, pg.tap_step_w = p.ph_w.tap_step;
+  pg.out_step_h = p.ph_h.out_step, pg.out_step_w = p.ph_w.out_step;
+  PhaseWalk walk = phase_walk_at(0, pg);
+  auto load_stage = [&](int slot) {
+    const int kb = walk.kb;
+    const int r = walk.r, s = walk.s, dp = walk.dp, dq = walk.dq;
+    phase_walk_advance(walk, pg);
     const int kf = kb * BKE + vcol * VEC;  // in-group output channel of this thread's vector
     const bool k_ok = kf < Kg;             // Kg % VEC == 0: the whole vector
+    const int64_t shift = kf - (dp * p.dy_sp + dq * p.dy_sq);  // the tap's offset, the same for every row
 #pragma unroll
     for (int i = 0; i < A_PASSES; ++i) {
       const int pp = a_p[i] - dp;
       const int qq = a_q[i] - dq;
       const bool ok = a_ok[i] && k_ok && pp >= 0 && pp < P && qq >= 0 && qq < Q;
-      const int64_t off = a_base[i] + pp * p.dy_sp + qq * p.dy_sq + kf;
+      const int64_t off = a_row[i] + shift;
       const uint32_t dst = (slot * BM + lrow + 64 * i) * kRowStride + vcol * 16;
       cp_async_16(sA + dst, ok ? dy + off : dy, ok);
       if constexpr (PRO) {
@@ -252,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_tc_kernel(const ConvDgrad
 
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < KT) load_stage(st, st);
+    if (st < KT) load_stage(st);
     cp_async_commit();
   }
 
@@ -273,7 +277,7 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_tc_kernel(const ConvDgrad
     // load below overwrites.
     __syncthreads();
     const int next = kt + STAGES - 1;
-    if (next < KT) load_stage(next % STAGES, next);
+    if (next < KT) load_stage(next % STAGES);
     cp_async_commit();
 
     const uint32_t a_stage = sA + slot * BM * kRowStride;

@@ -6,6 +6,8 @@
 //    that multiple (e.g. the 3-channel RGB stem) and still runs on tensor cores;
 //  * everything else (fp32 without TF32, grouped/depthwise convs whose C/groups is not such
 //    a multiple): the SIMT kernel.
+#include "filter_cache.h"
+#include "hopper_host.h"
 #include "ops.h"
 
 #include <c10/cuda/CUDAGuard.h>
@@ -48,6 +50,8 @@ Geometry check_conv_args(const char* op, const Tensor& x, const Tensor& weight, 
   TORCH_CHECK_VALUE(g.K >= 1 && g.K % groups == 0, op, ": weight: expected K = weight.shape[0] >= 1 divisible by groups = ",
                     groups, ", got ", g.K);
   TORCH_CHECK_VALUE(g.R >= 1 && g.S >= 1, op, ": weight: expected a non-empty kernel, got shape ", weight.sizes());
+  // Before the products below and the kernels' int casts.
+  check_conv_ranges(op, stride, padding, dilation, g.R, g.S, "weight");
   const int64_t eff_r = dilation[0] * (g.R - 1) + 1;
   const int64_t eff_s = dilation[1] * (g.S - 1) + 1;
   const int64_t hp = g.H + padding[0] + padding[1];
@@ -82,16 +86,43 @@ void check_conv_devices(const char* op, const Tensor& x, const Tensor& weight, c
   check_same_device(residual, x, op, "residual", "input");
 }
 
-// x and weight with C zero-padded to a multiple of `vec` channels (groups == 1 only).
-std::pair<Tensor, Tensor> pad_channels(const Tensor& x, const Tensor& weight, int64_t vec) {
-  const int64_t C = x.size(1);
-  const int64_t Cp = (C + vec - 1) / vec * vec;
-  Tensor xp = at::zeros({x.size(0), Cp, x.size(2), x.size(3)}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  xp.narrow(1, 0, C).copy_(x);
-  Tensor wp = at::zeros({weight.size(0), Cp, weight.size(2), weight.size(3)},
-                        weight.options().memory_format(at::MemoryFormat::ChannelsLast));
-  wp.narrow(1, 0, C).copy_(weight);
-  return {xp, wp};
+// The Hopper path (hopper_plan.h decides): true when it ran; false to fall back to the
+// hand-written kernels (the plan refused, or CUTLASS did: then a one-time warning).
+bool hopper_fprop(const char* op, const Geometry& g, const Tensor& x_in, const Tensor& weight_in,
+                  const OptTensor& scale_in, const OptTensor& shift_in, const OptTensor& residual_in,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
+                  bool allow_tf32, bool channels_last, ForcedKernel forced, Tensor& out, Tensor& count, Tensor& mean,
+                  Tensor& m2) {
+  const bool stats = mean.defined();
+  HopperCall c = hopper_call(HopperOp::Fprop, x_in, allow_tf32, {g.N, g.C, g.H, g.W, g.K, g.R, g.S, g.P, g.Q}, stride,
+                             padding, dilation, groups);
+  c.out_channels_last = channels_last;
+  c.stats_with_epilogue = stats && (scale_in.has_value() || residual_in.has_value() || relu);
+  if (!take_hopper_path(op, hopper_unsupported(c), forced)) return false;
+  // Dense channels-last operands with 16-byte aligned bases (TMA); the stem's C padded to 8.
+  const int64_t Cp = hopper_padded_channels(c);
+  const Tensor x = Cp != g.C ? pad_channels_last(x_in, 8) : channels_last_aligned(x_in);
+  const Tensor w = packed_filter(weight_in, FilterLayout::KRSC, 1, Cp != g.C ? 8 : 1).t;
+  const Tensor res = residual_in.has_value() ? channels_last_aligned(*residual_in) : Tensor();
+  const Tensor scale = as_float_vector(scale_in), shift = as_float_vector(shift_in);
+  HopperConv conv;
+  conv.call = c;
+  conv.call.C = Cp;
+  conv.a = x.data_ptr();
+  conv.b = w.data_ptr();
+  conv.d = out.data_ptr();  // channels-last: [N, P, Q, K] dense
+  conv.d_sn = out.stride(0), conv.d_sh = out.stride(2), conv.d_sw = out.stride(3);
+  conv.residual = data_or_null(res);
+  conv.scale = float_ptr(scale);
+  conv.shift = float_ptr(shift);
+  conv.relu = relu;
+  if (stats) {
+    conv.stat_count = count.data_ptr<float>();
+    conv.stat_mean = mean.data_ptr<float>();
+    conv.stat_m2 = m2.data_ptr<float>();
+  }
+  conv.sm_count = static_cast<int>(c.sm_count);
+  return hopper_launch(op, conv, x, forced);
 }
 
 // Widest tile that still gives every SM about two CTAs.
@@ -132,20 +163,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_fprop_impl(
   const bool tc_fits = g.Cg % vec == 0;
   ConvTile forced_tile = ConvTile::M64N64;
   const ForcedKernel forced = forced_conv_kernel(forced_tile);
+  if (hopper_fprop(op, g, x_in, weight_in, scale_in, shift_in, residual_in, stride, padding, dilation, groups, relu,
+                   allow_tf32, channels_last, forced, out, count, mean, m2))
+    return {out, count, mean, m2};
   const bool use_tc = tensor_cores && (tc_fits || groups == 1) && forced != ForcedKernel::Simt;
 
-  Tensor x, w;
-  int64_t C = g.C, Cg = g.Cg;
-  if (use_tc && !tc_fits) {
-    std::tie(x, w) = pad_channels(x_in, weight_in, vec);
-    C = Cg = x.size(1);
-  } else if (use_tc) {
-    x = channels_last_aligned(x_in);
-    w = channels_last_aligned(weight_in);
-  } else {
-    x = dense_in(x_in, at::MemoryFormat::ChannelsLast);
-    w = dense_in(weight_in, at::MemoryFormat::ChannelsLast);
-  }
+  // The filter in K R S C order from the cache (repacked once per change, not per call); the
+  // input's channels padded (the stem: a fresh copy, the input changes every call).
+  const bool pad = use_tc && !tc_fits;
+  const Tensor w = packed_filter(weight_in, FilterLayout::KRSC, groups, pad ? vec : 1).t;
+  const Tensor x = pad ? pad_channels_last(x_in, vec)
+                       : (use_tc ? channels_last_aligned(x_in) : dense_in(x_in, at::MemoryFormat::ChannelsLast));
+  const int64_t C = x.size(1), Cg = pad ? C : g.Cg;
   const Tensor scale = as_float_vector(scale_in);
   const Tensor shift = as_float_vector(shift_in);
   const Tensor res = residual_in.has_value() ? dense_in(*residual_in, out_fmt) : Tensor();
@@ -188,6 +217,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_fprop_impl(
   p.out_sq = out.stride(3);
   p.relu = relu;
   p.vec_out = channels_last && p.Kg % vec == 0 && aligned16(out) && aligned16(res);
+  p.tap = tap_geometry(static_cast<int>(Cg), static_cast<int>(g.S), p.dil_h, p.dil_w, g.W, C,
+                       static_cast<int>(kFpropSliceBytes / x.element_size()));
 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const DType dt = to_dtype(x.scalar_type());
@@ -240,7 +271,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv2d_bn_train(
   auto [y, count, pmean, pm2] = conv2d_fprop_impl(op, x, weight, std::nullopt, bias, std::nullopt, stride, padding,
                                                   dilation, groups, false, allow_tf32, channels_last, true);
   auto [mean, invstd, var_unbiased, a, b] = bn_finalize(count, pmean, pm2, bn_weight, bn_bias, eps);
-  Tensor out = scale_shift_act_impl(op, y, a, b, residual, relu,
+  // The centred apply (y - mean) * a + beta: folding the mean into b loses log2(|mean| / std)
+  // bits where y has a large common offset.
+  const Tensor beta = bn_bias.has_value() ? as_float_vector(bn_bias) : at::zeros({mean.size(0)}, mean.options());
+  Tensor out = scale_shift_act_impl(op, y, a, beta, mean, residual, relu,
                                     channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   return {out, y, mean, invstd, var_unbiased};
 }

@@ -20,6 +20,7 @@
 // output's strides (16-byte vectors along K when the output is channels-last).
 #include <c10/cuda/CUDAException.h>
 
+#include "conv_walk.h"
 #include "device_utils.cuh"
 #include "kernels.h"
 
@@ -147,6 +148,7 @@ __device__ __forceinline__ void channel_affine(const ConvFpropParams& p, int64_t
 // Row geometry of one output pixel for the input gather.
 struct RowGather {
   int64_t base;  // offset of x[n, 0, 0, grp*Cg]
+  int64_t pix;   // base + (ih0 * W + iw0) * C: the receptive field's corner (may lie in the padding)
   int ih0, iw0;  // top-left input coordinate of the receptive field
   bool ok;       // m < M
 };
@@ -164,6 +166,7 @@ __device__ __forceinline__ RowGather row_gather(const ConvFpropParams& p, int m,
   g.ih0 = pp * p.stride_h - p.pad_h;
   g.iw0 = q * p.stride_w - p.pad_w;
   g.base = static_cast<int64_t>(n) * p.H * p.W * p.C + static_cast<int64_t>(grp) * p.Cg;
+  g.pix = g.base + (static_cast<int64_t>(g.ih0) * p.W + g.iw0) * p.C;
   return g;
 }
 
@@ -171,7 +174,7 @@ __device__ __forceinline__ RowGather row_gather(const ConvFpropParams& p, int m,
 // Tensor-core kernel
 // ---------------------------------------------------------------------------------------
 constexpr int kStages = 4;
-constexpr int kSliceBytes = 64;   // reduction bytes per tile row per pipeline stage
+constexpr int kSliceBytes = kFpropSliceBytes;  // reduction bytes per tile row per pipeline stage
 constexpr int kRowStride = 80;    // padded row: 8 consecutive rows start 20 words apart, so the
                                   // 8 row addresses of each ldmatrix phase hit disjoint banks
 
@@ -223,8 +226,7 @@ __global__ void __launch_bounds__(kThreads) conv_fprop_tc_kernel(const ConvFprop
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w);
   const int Kred = static_cast<int>(p.Kred);
-  const int Cg = static_cast<int>(p.Cg);
-  const int S = static_cast<int>(p.S);
+  const int R = static_cast<int>(p.R);
   const int H = static_cast<int>(p.H);
   const int W = static_cast<int>(p.W);
 
@@ -243,22 +245,19 @@ __global__ void __launch_bounds__(kThreads) conv_fprop_tc_kernel(const ConvFprop
     brow[i] = (static_cast<int64_t>(grp) * p.Kg + (brow_ok[i] ? kl : 0)) * p.Kred;
   }
 
-  auto load_stage = [&](int stage, int kt) {
-    const int kf = kt * BKE + vcol * VEC;  // reduction index of this thread's vector
-    const bool k_ok = kf < Kred;
-    int r = 0, s = 0, c = 0;
-    if (k_ok) {
-      const int rs = kf / Cg;
-      c = kf - rs * Cg;
-      r = rs / S;
-      s = rs - r * S;
-    }
+  // This thread's vector of the reduction: its index kf (the filter rows are contiguous along
+  // it) and its (r, s, c) with the tap's input offset, advanced slice by slice without division
+  // (conv_walk.h); loads are issued in slice order, so the walk is always at the next slice.
+  int kf = vcol * VEC;
+  TapWalk tap = tap_walk_at(kf, p.tap);
+  auto load_stage = [&](int stage) {
+    const bool k_ok = tap.r < R;  // kf < Kred: c < Cg and s < S always hold
 #pragma unroll
     for (int i = 0; i < A_PASSES; ++i) {
-      const int ih = arow[i].ih0 + r * p.dil_h;
-      const int iw = arow[i].iw0 + s * p.dil_w;
+      const int ih = arow[i].ih0 + tap.dh;
+      const int iw = arow[i].iw0 + tap.dw;
       const bool ok = arow[i].ok && k_ok && ih >= 0 && ih < H && iw >= 0 && iw < W;
-      const T* src = ok ? x + arow[i].base + (static_cast<int64_t>(ih) * W + iw) * p.C + c : x;
+      const T* src = ok ? x + (arow[i].pix + tap.off + tap.c) : x;
       cp_async_16(sA + (stage * BM + lrow + 64 * i) * kRowStride + vcol * 16, src, ok);
     }
 #pragma unroll
@@ -267,6 +266,8 @@ __global__ void __launch_bounds__(kThreads) conv_fprop_tc_kernel(const ConvFprop
       const T* src = ok ? w + brow[i] + kf : w;
       cp_async_16(sB + (stage * BN + lrow + 64 * i) * kRowStride + vcol * 16, src, ok);
     }
+    kf += BKE;
+    tap_walk_advance(tap, p.tap);
   };
 
   float acc[MT][NT][4];
@@ -281,7 +282,7 @@ __global__ void __launch_bounds__(kThreads) conv_fprop_tc_kernel(const ConvFprop
   // Prologue: stages 0 .. kStages-2 in flight, one commit group each (possibly empty).
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < KT) load_stage(st, st);
+    if (st < KT) load_stage(st);
     cp_async_commit();
   }
 
@@ -293,7 +294,7 @@ __global__ void __launch_bounds__(kThreads) conv_fprop_tc_kernel(const ConvFprop
     // slice kt - 1, whose stage the load below overwrites.
     __syncthreads();
     const int next = kt + kStages - 1;
-    if (next < KT) load_stage(next % kStages, next);
+    if (next < KT) load_stage(next % kStages);
     cp_async_commit();
 
     const int stage = kt % kStages;

@@ -180,18 +180,31 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_tc_kernel(const ConvWg
   const int dw = s * p.dil_w - p.pad_w;
 
   [[maybe_unused]] uint32_t valid_bits = 0;
-  auto load_stage = [&](int slot, int kt) {
-    const int rbase = start + kt * BK;
+  // Each thread's rows of the reduction as (n, p, q), advanced by BK pixels per slice without
+  // division (conv_walk.h); loads are issued in slice order.
+  const PixelGeometry pgeo = pixel_geometry(P, Q, BK);
+  int a_npq[A_PASSES], b_npq[B_PASSES];
+  PixelWalk a_px[A_PASSES], b_px[B_PASSES];
+#pragma unroll
+  for (int i = 0; i < A_PASSES; ++i) {
+    a_npq[i] = start + a_row + i * ARP;
+    a_px[i] = pixel_walk_at(a_npq[i], pgeo);
+  }
+#pragma unroll
+  for (int i = 0; i < B_PASSES; ++i) {
+    b_npq[i] = start + b_row + i * BRP;
+    b_px[i] = pixel_walk_at(b_npq[i], pgeo);
+  }
+  auto load_stage = [&](int slot) {
 #pragma unroll
     for (int i = 0; i < A_PASSES; ++i) {
       const int row = a_row + i * ARP;
-      const int npq = rbase + row;
-      const bool ok = a_kok && npq < end;
+      const bool ok = a_kok && a_npq[i] < end;
+      const PixelWalk px = a_px[i];
+      a_npq[i] += BK;
+      pixel_walk_advance(a_px[i], pgeo);
       int64_t off = 0;
-      if (ok) {
-        const Pixel px = pixel_of(npq, P, Q);
-        off = px.n * p.dy_sn + px.p * p.dy_sp + px.q * p.dy_sq + a_chan;
-      }
+      if (ok) off = px.n * p.dy_sn + px.p * p.dy_sp + px.q * p.dy_sq + a_chan;
       const uint32_t dst = slot * Smem::kATile + row * Smem::kALd + a_v * 16;
       cp_async_16(sA + dst, dy + off, ok);
       if constexpr (PRO) {
@@ -204,11 +217,12 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_tc_kernel(const ConvWg
 #pragma unroll
     for (int i = 0; i < B_PASSES; ++i) {
       const int row = b_row + i * BRP;
-      const int npq = rbase + row;
-      bool ok = b_cok && npq < end;
+      bool ok = b_cok && b_npq[i] < end;
+      const PixelWalk px = b_px[i];
+      b_npq[i] += BK;
+      pixel_walk_advance(b_px[i], pgeo);
       int64_t off = 0;
       if (ok) {
-        const Pixel px = pixel_of(npq, P, Q);
         const int ih = px.p * p.stride_h + dh;
         const int iw = px.q * p.stride_w + dw;
         ok = ih >= 0 && ih < H && iw >= 0 && iw < W;
@@ -231,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_tc_kernel(const ConvWg
   const int KT = (end - start + BK - 1) / BK;
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < KT) load_stage(st, st);
+    if (st < KT) load_stage(st);
     cp_async_commit();
   }
 
@@ -250,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_tc_kernel(const ConvWg
     }
     __syncthreads();
     const int next = kt + STAGES - 1;
-    if (next < KT) load_stage(next % STAGES, next);
+    if (next < KT) load_stage(next % STAGES);
     cp_async_commit();
 
     if (want_bias) {  // the dy operand exactly as multiplied (rows past the end are zeros)

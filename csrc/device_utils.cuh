@@ -7,6 +7,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "chan.cuh"
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "resconv's CUDA kernels need compute capability 8.0 or newer (cp.async, bf16/tf32 mma.sync): remove older architectures from TORCH_CUDA_ARCH_LIST"
 #endif
@@ -33,6 +35,9 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 
 // torch.relu semantics: max(v, 0) that keeps NaN.
 __device__ __forceinline__ float relu_keep_nan(float v) { return v < 0.f ? 0.f : v; }
+// The ReLU gradient given the ReLU's output o, as ATen's threshold_backward: 0 where o <= 0,
+// else g; where o is NaN the gradient passes (not `o > 0 ? g : 0`, which would drop it).
+__device__ __forceinline__ float relu_grad_mask(float o, float g) { return o <= 0.f ? 0.f : g; }
 
 // V values of T, aligned as one vector access.
 template <typename T, int V>
@@ -119,15 +124,5 @@ struct Mma<float> {  // TF32 inputs (already rounded with to_tf32)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
 };
-
-// Chan, Golub & LeVeque (1979): merge moments (n_b, mean_b, m2_b) into (n, mean, m2).
-__device__ __forceinline__ void chan_combine(float& n, float& mean, float& m2, float n_b, float mean_b, float m2_b) {
-  const float n_ab = n + n_b;
-  const float w_b = n_ab > 0.f ? n_b / n_ab : 0.f;
-  const float d = mean_b - mean;
-  mean = mean + d * w_b;
-  m2 = m2 + m2_b + d * d * n * w_b;
-  n = n_ab;
-}
 
 }  // namespace resconv

@@ -11,13 +11,16 @@ namespace resconv {
 // the op, the conv output's for the training composite, where both layouts can coincide
 // (P = Q = 1) and the result must carry the strides its fake implementation promises.
 Tensor scale_shift_act_impl(const char* op, const Tensor& y_in, const OptTensor& a_in, const OptTensor& b_in,
-                            const OptTensor& residual_in, bool relu, at::MemoryFormat fmt) {
+                            const OptTensor& center_in, const OptTensor& residual_in, bool relu, at::MemoryFormat fmt) {
   check_dim(y_in, 4, op, "input", "[N, K, P, Q]");
   check_kernel_dtype(y_in, op, "input");
   const int64_t K = y_in.size(1);
   TORCH_CHECK_VALUE(a_in.has_value() == b_in.has_value(), op, ": a, b: expected both or neither");
   check_channel_vector(a_in, K, op, "a");
   check_channel_vector(b_in, K, op, "b");
+  TORCH_CHECK_VALUE(!center_in.has_value() || a_in.has_value(), op,
+                    ": center: given without a and b (out = (y - center) * a + b)");
+  check_channel_vector(center_in, K, op, "center");
   if (residual_in.has_value()) {
     check_same_shape(*residual_in, y_in, op, "residual", "input");
     check_same_dtype(*residual_in, y_in, op, "residual", "input");
@@ -25,26 +28,27 @@ Tensor scale_shift_act_impl(const char* op, const Tensor& y_in, const OptTensor&
   check_cuda(y_in, op, "input");
   check_same_device(a_in, y_in, op, "a", "input");
   check_same_device(b_in, y_in, op, "b", "input");
+  check_same_device(center_in, y_in, op, "center", "input");
   check_same_device(residual_in, y_in, op, "residual", "input");
   const c10::cuda::CUDAGuard guard(y_in.device());
   const Tensor y = dense_in(y_in, fmt);
   Tensor out = new_output(y.sizes(), y.options(), fmt);
   if (y.numel() == 0) return out;
   const Tensor res = residual_in.has_value() ? dense_in(*residual_in, fmt) : Tensor();
-  const Tensor a = as_float_vector(a_in), b = as_float_vector(b_in);
+  const Tensor a = as_float_vector(a_in), b = as_float_vector(b_in), center = as_float_vector(center_in);
   launch_scale_shift_act(y.data_ptr(), data_or_null(res), out.data_ptr(), float_ptr(a), float_ptr(b),
-                         to_dtype(y.scalar_type()), y.numel(), K, y.size(2) * y.size(3),
+                         float_ptr(center), to_dtype(y.scalar_type()), y.numel(), K, y.size(2) * y.size(3),
                          fmt == at::MemoryFormat::ChannelsLast, relu, c10::cuda::getCurrentCUDAStream());
   return out;
 }
 
 Tensor scale_shift_act(const Tensor& y, const OptTensor& a, const OptTensor& b, const OptTensor& residual,
-                       bool relu) {
-  return scale_shift_act_impl("resconv::cuda_scale_shift_act", y, a, b, residual, relu, memory_format_of(y));
+                       bool relu, const OptTensor& center) {
+  return scale_shift_act_impl("resconv::cuda_scale_shift_act", y, a, b, center, residual, relu, memory_format_of(y));
 }
 
 Tensor add_relu(const Tensor& x, const Tensor& residual, bool relu) {
-  return scale_shift_act_impl("resconv::cuda_add_relu", x, std::nullopt, std::nullopt, residual, relu,
+  return scale_shift_act_impl("resconv::cuda_add_relu", x, std::nullopt, std::nullopt, std::nullopt, residual, relu,
                               memory_format_of(x));
 }
 

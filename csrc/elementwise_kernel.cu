@@ -1,7 +1,8 @@
 // Per-channel elementwise kernels over dense [N, K, P, Q] tensors (NCHW- or NHWC-dense, all
 // operands of one call in the same layout):
-//  * scale_shift_act: out = act(y * a[k] + b[k] + residual) — the BatchNorm apply of training
-//    mode and, without a/b, the standalone residual add + ReLU;
+//  * scale_shift_act: out = act((y - center[k]) * a[k] + b[k] + residual) — the BatchNorm apply
+//    of training mode (centred: center = the batch mean) and, without a/b, the standalone
+//    residual add + ReLU;
 //  * bn_backward_dy: g = grad_out * (out > 0); grad_residual = g;
 //    dy = a[k] * g + b[k] * (y - mean[k]) + c[k] — dReLU, the residual gradient and the dBN
 //    input-gradient formula in one pass.
@@ -47,8 +48,9 @@ __device__ __forceinline__ Vec<T, V> load_vec(const T* p, int64_t i) {
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     scale_shift_act_kernel(const T* __restrict__ y, const T* __restrict__ res, T* __restrict__ out,
-                           const float* __restrict__ a, const float* __restrict__ b, int64_t nvec, int64_t K,
-                           int64_t L, bool channels_last, bool relu) {
+                           const float* __restrict__ a, const float* __restrict__ b,
+                           const float* __restrict__ center, int64_t nvec, int64_t K, int64_t L, bool channels_last,
+                           bool relu) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= nvec) return;
   const int64_t base = i * V;
@@ -60,7 +62,8 @@ __global__ void __launch_bounds__(kThreads)
     ChannelWalk ch(base, K, L, channels_last);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      v[e] = v[e] * a[ch.k] + b[ch.k];
+      const float centred = center != nullptr ? v[e] - center[ch.k] : v[e];
+      v[e] = centred * a[ch.k] + b[ch.k];
       ch.next(K, L, channels_last);
     }
   }
@@ -91,7 +94,7 @@ __global__ void __launch_bounds__(kThreads)
   if (relu) {
     const Vec<T, V> ov = load_vec<T, V>(out, base);
 #pragma unroll
-    for (int e = 0; e < V; ++e) g[e] = to_float(ov.v[e]) > 0.f ? g[e] : 0.f;
+    for (int e = 0; e < V; ++e) g[e] = relu_grad_mask(to_float(ov.v[e]), g[e]);
   }
   if (grad_res != nullptr) {
     Vec<T, V> r;
@@ -128,17 +131,18 @@ unsigned grid_for(int64_t nvec) {
 
 template <typename T>
 void scale_shift_act_typed(const void* y, const void* res, void* out, const float* a, const float* b,
-                           int64_t numel, int64_t K, int64_t L, bool channels_last, bool relu, cudaStream_t stream) {
+                           const float* center, int64_t numel, int64_t K, int64_t L, bool channels_last, bool relu,
+                           cudaStream_t stream) {
   const T* yp = static_cast<const T*>(y);
   const T* rp = static_cast<const T*>(res);
   T* op = static_cast<T*>(out);
   constexpr int64_t vb = 4 * sizeof(T);
   if (numel % 4 == 0 && aligned(y, vb) && aligned(res, vb) && aligned(out, vb)) {
     const int64_t nvec = numel / 4;
-    scale_shift_act_kernel<T, 4><<<grid_for(nvec), kThreads, 0, stream>>>(yp, rp, op, a, b, nvec, K, L,
+    scale_shift_act_kernel<T, 4><<<grid_for(nvec), kThreads, 0, stream>>>(yp, rp, op, a, b, center, nvec, K, L,
                                                                           channels_last, relu);
   } else {
-    scale_shift_act_kernel<T, 1><<<grid_for(numel), kThreads, 0, stream>>>(yp, rp, op, a, b, numel, K, L,
+    scale_shift_act_kernel<T, 1><<<grid_for(numel), kThreads, 0, stream>>>(yp, rp, op, a, b, center, numel, K, L,
                                                                            channels_last, relu);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -169,17 +173,17 @@ void bn_backward_dy_typed(const void* grad_out, const void* out, const void* y, 
 }  // namespace
 
 void launch_scale_shift_act(const void* y, const void* residual, void* out, const float* a, const float* b,
-                            DType dt, int64_t numel, int64_t K, int64_t L, bool channels_last, bool relu,
-                            cudaStream_t stream) {
+                            const float* center, DType dt, int64_t numel, int64_t K, int64_t L, bool channels_last,
+                            bool relu, cudaStream_t stream) {
   switch (dt) {
     case DType::Half:
-      scale_shift_act_typed<__half>(y, residual, out, a, b, numel, K, L, channels_last, relu, stream);
+      scale_shift_act_typed<__half>(y, residual, out, a, b, center, numel, K, L, channels_last, relu, stream);
       break;
     case DType::BFloat16:
-      scale_shift_act_typed<__nv_bfloat16>(y, residual, out, a, b, numel, K, L, channels_last, relu, stream);
+      scale_shift_act_typed<__nv_bfloat16>(y, residual, out, a, b, center, numel, K, L, channels_last, relu, stream);
       break;
     case DType::Float:
-      scale_shift_act_typed<float>(y, residual, out, a, b, numel, K, L, channels_last, relu, stream);
+      scale_shift_act_typed<float>(y, residual, out, a, b, center, numel, K, L, channels_last, relu, stream);
       break;
     default:
       TORCH_CHECK(false, "scale_shift_act: unsupported dtype");

@@ -14,14 +14,10 @@
 #include <cuda_runtime_api.h>
 
 #include "conv_backward_plan.h"
+#include "conv_walk.h"
+#include "types.h"
 
 namespace resconv {
-
-enum class DType : int { Half = 0, BFloat16 = 1, Float = 2, Double = 3 };
-
-// Rows of one BatchNorm statistics partial: the conv epilogue writes one (count, mean, M2)
-// per channel for every kStatsTileRows output pixels, whatever tile configuration ran.
-constexpr int kStatsTileRows = 64;
 
 // Tile configurations of the tensor-core fprop kernel (BM x BN output tile, 8 warps).
 enum class ConvTile : int { M128N128 = 0, M128N64 = 1, M64N64 = 2 };
@@ -49,7 +45,13 @@ struct ConvFpropParams {
   // Epilogue stores 16-byte vectors along K: output and residual channels-last dense with
   // 16-byte aligned bases, Kg a multiple of the vector width (decided by the launcher).
   bool vec_out;
+  // Tensor-core kernel: the gather's reduction walk with its step, the slice width of
+  // kFpropSliceBytes / sizeof(T) elements (tap_geometry; conv_walk.h).
+  TapGeometry tap;
 };
+
+// Reduction bytes per tile row per pipeline stage of the tensor-core conv kernels.
+constexpr int kFpropSliceBytes = 64;
 
 // Tensor-core implicit-GEMM fprop (mma.sync, sm_80+). Needs Cg*sizeof(T) % 16 == 0.
 // For DType::Float the products run in TF32.
@@ -131,12 +133,29 @@ void launch_wgrad_split_reduce(const float* partial_w, const float* partial_b, v
                                int64_t gw_sr, int64_t gw_ss, cudaStream_t stream);
 
 // ---- BatchNorm statistics ----------------------------------------------------------------
+// Reductions over many partials (the finalize's Chan merge, the backward's sums) run as fixed-
+// order trees: each level reduces blocks of kTreeChunk partials in parallel (one CTA per block
+// and 32 channels) until one block is left, which the final kernel reduces. The shape of the
+// tree depends on T only: results are bitwise reproducible.
+constexpr int64_t kTreeChunk = 256;
+inline int64_t tree_level_rows(int64_t T) { return (T + kTreeChunk - 1) / kTreeChunk; }
+// Floats of workspace the levels need: two ping-pong buffers of the first level's size, each
+// [T1] counts (with `counts`) + `vectors` x [T1, K]; 0 when T fits one block.
+inline int64_t tree_workspace_floats(int64_t T, int64_t K, int vectors, bool counts) {
+  if (T <= kTreeChunk) return 0;
+  const int64_t T1 = tree_level_rows(T);
+  return 2 * ((counts ? T1 : 0) + vectors * T1 * K);
+}
+
 // Merge T partials (count[T], mean[T,K], m2[T,K]) with Chan's formula in a fixed order into
 // mean, invstd = 1/sqrt(M2/n + eps), var_unbiased = M2/max(n-1, 1), a = gamma*invstd,
-// b = beta - mean*a (each [K] fp32). gamma/beta ([K] fp32) may be nullptr (1 / 0).
+// b = beta - mean*a (each [K] fp32). gamma/beta ([K] fp32) may be nullptr (1 / 0). With no
+// values at all (an empty batch) the statistics are mean 0, variance 1 (biased and unbiased),
+// as nothing is normalised; the caller leaves running statistics untouched, as BatchNorm2d.
+// workspace: tree_workspace_floats(T, K, 2, true) floats.
 void launch_bn_finalize(const float* count, const float* mean, const float* m2, int64_t T, int64_t K,
                         const float* gamma, const float* beta, double eps, float* out_mean, float* out_invstd,
-                        float* out_var, float* out_a, float* out_b, cudaStream_t stream);
+                        float* out_var, float* out_a, float* out_b, float* workspace, cudaStream_t stream);
 
 // running = (1 - momentum) * running + momentum * batch, in place, for running_mean (if not
 // nullptr) and running_var (if not nullptr), both [K] contiguous of dtype dt.
@@ -149,19 +168,24 @@ struct NKLView {
   int64_t sn, sk, sl;
 };
 
-// Per-channel sum(g) and sum(g * (y - mean)) with g = grad_out * (out > 0 if relu), in a fixed
-// order: the first pass writes partials [T, K] (T = ceil(N*L / kReduceRows)), the second
-// sums them. y / mean optional (y.data == nullptr: only sum(g)). All tensors of dtype dt.
+// Per-channel sum(g) and sum(g * (y - mean)) with g = threshold_backward(grad_out, out) when relu,
+// in a fixed order: the first pass writes partials [T, K] (T = ceil(N*L / kReduceRows)), the
+// tree levels and a last pass sum them. y / mean optional (y.data == nullptr: only sum(g)).
+// All tensors of dtype dt; workspace: tree_workspace_floats(T, K, 2, false) floats.
 constexpr int kReduceRows = 256;
 void launch_bn_backward_reduce(NKLView grad_out, NKLView out, NKLView y, const float* mean, DType dt,
                                int64_t N, int64_t K, int64_t L, bool relu, float* partial_g,
-                               float* partial_gy, float* sum_g, float* sum_gy, cudaStream_t stream);
+                               float* partial_gy, float* sum_g, float* sum_gy, float* workspace,
+                               cudaStream_t stream);
 
 // ---- elementwise over dense [N, K, P, Q] (NCHW- or NHWC-dense, all operands alike) -------
-// out = act(y * a[k] + b[k] + residual); a/b/residual optional.
+// out = act((y - center[k]) * a[k] + b[k] + residual); a/b (together), center (with a/b) and
+// residual optional. The centre is subtracted first, in fp32: a BatchNorm apply with a large
+// common offset in y keeps its digits (folding it into b, y * a + (b - center * a), loses
+// log2(|center| / std) bits to the rounding of y * a).
 void launch_scale_shift_act(const void* y, const void* residual, void* out, const float* a, const float* b,
-                            DType dt, int64_t numel, int64_t K, int64_t L, bool channels_last, bool relu,
-                            cudaStream_t stream);
+                            const float* center, DType dt, int64_t numel, int64_t K, int64_t L, bool channels_last,
+                            bool relu, cudaStream_t stream);
 
 // g = grad_out * (out > 0 if relu); grad_residual = g (if not nullptr);
 // dy = a[k]*g + b[k]*(y - mean[k]) + c[k] (the last two terms only when y != nullptr).

@@ -6,6 +6,7 @@
 // The same kernels are registered for CPU: there they check every argument and then raise
 // "expected a CUDA tensor", so that a wrong call fails with a message naming the argument
 // rather than a dispatcher error.
+#include "filter_cache.h"
 #include "ops.h"
 
 #include <torch/library.h>
@@ -23,6 +24,7 @@ void register_kernels(torch::Library& m) {
   m.impl("cuda_bn_backward_dy", &resconv::bn_backward_dy);
   m.impl("cuda_conv2d_dgrad", &resconv::conv2d_dgrad);
   m.impl("cuda_conv2d_wgrad", &resconv::conv2d_wgrad);
+  m.impl("cuda_packed_filter", &resconv::packed_filter_op);
 }
 }  // namespace
 

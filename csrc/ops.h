@@ -24,7 +24,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_fprop_stats(
     int64_t groups, bool relu, bool allow_tf32, bool channels_last);
 
 // Training-mode conv + BatchNorm (batch statistics) + residual + ReLU:
-// (out, y = conv + bias, mean, invstd, var_unbiased), statistics [K] fp32.
+// (out, y = conv + bias, mean, invstd, var_unbiased), statistics [K] fp32; out is the centred
+// apply act((y - mean) * gamma * invstd + beta + residual).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv2d_bn_train(
     const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& bn_weight,
     const OptTensor& bn_bias, const OptTensor& residual, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -39,14 +40,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_finalize(const Tensor& cou
 void bn_update_running_stats_(const OptTensor& running_mean, const OptTensor& running_var, const Tensor& mean,
                               const Tensor& var_unbiased, double momentum);
 
-// act(y * a[k] + b[k] + residual) in y's dtype and layout.
+// act((y - center[k]) * a[k] + b[k] + residual) in y's dtype and layout (center, with a and b,
+// optional: the centred BatchNorm apply).
 Tensor scale_shift_act(const Tensor& y, const OptTensor& a, const OptTensor& b, const OptTensor& residual,
-                       bool relu);
+                       bool relu, const OptTensor& center);
 Tensor add_relu(const Tensor& x, const Tensor& residual, bool relu);
 // scale_shift_act with the output layout given (operands are read dense in it); `op` names
 // the calling op in error messages.
 Tensor scale_shift_act_impl(const char* op, const Tensor& y, const OptTensor& a, const OptTensor& b,
-                            const OptTensor& residual, bool relu, at::MemoryFormat fmt);
+                            const OptTensor& center, const OptTensor& residual, bool relu, at::MemoryFormat fmt);
 
 // (sum(g), sum(g * (y - mean))) per channel, g = grad_out * (out > 0 if relu); zeros when y absent.
 std::tuple<Tensor, Tensor> bn_backward_reduce(const Tensor& grad_out, const OptTensor& out, const OptTensor& y,

@@ -12,7 +12,10 @@ Three ways to get it:
 Whether a build is possible is decided from ``torch.version.cuda`` and the CUDA toolkit
 (``CUDA_HOME``), never from ``torch.cuda.is_available()``. Architectures come from
 ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``, ``"9.0a"``, ``"8.6+PTX"``), default sm_80 and
-sm_90; the kernels need 8.0 or newer.
+sm_90; the kernels need 8.0 or newer. With ``9.0a`` in the list the Hopper kernels
+(``csrc/hopper_*.cu``: CUTLASS 3 sm90 collectives, wgmma + TMA) are compiled too, for sm_90a
+only; they need the CUTLASS headers of the pinned ``nvidia-cutlass`` wheel
+(:data:`CUTLASS_REQUIREMENT`, in the ``cuda`` and ``test`` extras).
 
 Environment: ``RESCONV_BUILD_DIR`` (JIT build folder), ``RESCONV_CUDA_JIT=0`` (never compile
 at run time: only an ahead-of-time build is used).
@@ -38,6 +41,9 @@ MIN_ARCH = (8, 0)  # cp.async and bf16/tf32 mma.sync
 # Named architectures as TORCH_CUDA_ARCH_LIST accepts them (only those resconv can run on).
 NAMED_ARCHS = {"Ampere": ("8.0", "8.6"), "Ada": ("8.9",), "Hopper": ("9.0",)}
 _ARCH_RE = re.compile(r"^(\d+)\.(\d+)(a?)(\+PTX)?$")
+# The CUTLASS the Hopper kernels are written against (headers only; pyproject's extras pin it).
+CUTLASS_REQUIREMENT = "nvidia-cutlass==4.2.0.0"
+HOPPER_ARCH = "9.0a"
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,11 +163,60 @@ def wheel_include_dirs() -> list[str]:
     return out
 
 
+def hopper_requested(archs: list[str]) -> bool:
+    """Whether the architecture list asks for sm_90a, and with it the Hopper kernels."""
+    return any(a.split("+")[0] == HOPPER_ARCH for a in archs)
+
+
+def cutlass_include_dirs() -> list[str]:
+    """CUTLASS's include folders from the installed ``nvidia-cutlass`` wheel (its
+    ``cutlass_library`` package ships ``source/include`` and ``source/tools/util/include``),
+    found without importing it; [] when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    root = Path(list(spec.submodule_search_locations)[0]) / "source"
+    dirs = [root / "include", root / "tools" / "util" / "include"]
+    return [str(d) for d in dirs] if (dirs[0] / "cutlass" / "cutlass.h").is_file() else []
+
+
+def cutlass_version() -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version("nvidia-cutlass")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def hopper_flags(archs: list[str]) -> list[str]:
+    """nvcc flags of the Hopper kernels for ``archs`` ([] without sm_90a): the CUTLASS include
+    folders, ``RESCONV_SM90A`` (csrc/hopper_*.cu compile their CUTLASS code only then), and the
+    CUTLASS version in a define, so that another CUTLASS rebuilds the extension.
+
+    Raises:
+        RuntimeError: sm_90a requested but the CUTLASS headers are not installed.
+    """
+    if not hopper_requested(archs):
+        return []
+    dirs = cutlass_include_dirs()
+    if not dirs:
+        raise RuntimeError(
+            f"TORCH_CUDA_ARCH_LIST asks for {HOPPER_ARCH} (the Hopper kernels), which need the CUTLASS headers: "
+            f"pip install '{CUTLASS_REQUIREMENT}' (or the extra: pip install 'resconv[cuda]')"
+        )
+    version = (cutlass_version() or "unknown").replace(".", "_")
+    return [f"-I{d}" for d in dirs] + ["-DRESCONV_SM90A", f"-DRESCONV_CUTLASS_VERSION={version}",
+                                       "--expt-relaxed-constexpr"]
+
+
 def build_flags(archs: list[str], ptxas_verbose: bool = False) -> dict[str, list[str]]:
     """Compiler flags for the host compiler ("cxx") and nvcc ("nvcc")."""
     isystem = [f for d in wheel_include_dirs() for f in ("-isystem", d)]
     cxx = ["-O3"] + isystem
-    nvcc = ["-O3", "-lineinfo"] + gencode_flags(archs) + isystem
+    nvcc = ["-O3", "-lineinfo"] + gencode_flags(archs) + hopper_flags(archs) + isystem
     if ptxas_verbose:
         nvcc.append("-Xptxas=-v")
     return {"cxx": cxx, "nvcc": nvcc}

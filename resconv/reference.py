@@ -259,7 +259,7 @@ def conv_bn2d_train(
 
     BatchNorm uses the batch statistics (biased variance for normalising) and updates
     ``running_mean``/``running_var`` in place (unbiased variance) exactly as
-    torch.nn.BatchNorm2d does, when they are given.
+    torch.nn.BatchNorm2d does, when they are given (an empty batch leaves them untouched).
 
     Args:
         x (Tensor[N, C, H, W]): input.
@@ -290,7 +290,8 @@ def conv_bn2d_train(
     if bias is not None:
         y = y + _channel(bias, y.dtype)
     mean, var, count = batch_moments(y, process_group)
-    update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
+    if count > 0:  # an empty batch leaves the running statistics untouched, as BatchNorm2d
+        update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
     invstd = torch.rsqrt(var + eps)
     z = (y - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
     if bn_weight is not None:

@@ -74,6 +74,20 @@ def randomise_bn(model):
     return model
 
 
+@pytest.fixture(scope="module")
+def ext():
+    """The loaded CUDA extension resconv._C (compiled just in time into the cache on first use;
+    no GPU needed); skips where it cannot be compiled (no CUDA build of torch, no toolkit)."""
+    from resconv import build
+    from resconv.ops import cuda as cuda_ops
+
+    problem = build.toolchain_problem()
+    if problem is not None:
+        pytest.skip(f"the CUDA extension cannot be compiled here: {problem}")
+    cuda_ops.ops()
+    return build.loaded_extension()
+
+
 def set_backend(model, name):
     """Force backend ``name`` on every resconv module of ``model`` (their ``backend``
     attribute); returns ``model``."""

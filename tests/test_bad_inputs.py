@@ -20,6 +20,7 @@ from torch import nn
 import resconv
 import resconv.functional as RF
 import resconv.nn as rnn
+from resconv import tolerances as T
 from conftest import test_device
 
 BACKENDS = ["torch", "triton"]
@@ -217,3 +218,46 @@ def test_non_finite_inputs_propagate(where, value, relu, backend):
     assert not pre.isfinite().all(), "the case must produce a non-finite pre-activation"
     if value != value:  # NaN survives ReLU (torch.relu(nan) is nan)
         assert out.isnan().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", ["conv2d", "conv_bn2d", "add_relu"])
+def test_relu_gradient_passes_where_output_is_nan(path, backend):
+    """Where a ReLU's output is NaN (here from a NaN in the residual), its gradient passes the
+    incoming gradient, as torch.relu's does (ATen's threshold_backward zeroes it only where
+    out <= 0): the residual's gradient there is grad_out itself, and every gradient matches
+    torch.nn's float64 one. Masking with ``out > 0`` instead drops that element."""
+    dev = test_device() if backend == "triton" else "cpu"
+    t = _tensors("cpu")
+    t["res"].view(-1)[5] = float("nan")
+    t["y"] = torch.randn(2, 8, 4, 4)  # add_relu's input (the residual's shape)
+    names = {"conv2d": ("x", "w", "b", "res"), "conv_bn2d": ("x", "w", "gamma", "beta", "res"),
+             "add_relu": ("y", "res")}[path]
+    ours = {k: t[k].to(dev).requires_grad_() for k in names}
+    ref = {k: t[k].detach().double().requires_grad_() for k in names}
+    F = torch.nn.functional
+
+    def run(v, be):
+        if path == "conv2d":
+            if be is None:
+                return torch.relu(F.conv2d(v["x"], v["w"], v["b"]) + v["res"])
+            return RF.conv2d(v["x"], v["w"], v["b"], residual=v["res"], relu=True, backend=be)
+        if path == "conv_bn2d":
+            if be is None:
+                # (no conv bias: through batch statistics its gradient is zero, up to rounding)
+                z = F.batch_norm(F.conv2d(v["x"], v["w"]), None, None, v["gamma"], v["beta"], training=True)
+                return torch.relu(z + v["res"])
+            return RF.conv_bn2d(v["x"], v["w"], None, None, None, v["gamma"], v["beta"], training=True,
+                                residual=v["res"], relu=True, allow_tf32=False, backend=be)
+        return torch.relu(v["y"] + v["res"]) if be is None else RF.add_relu(v["y"], v["res"], backend=be)
+
+    out, out_ref = run(ours, backend), run(ref, None)
+    assert out.isnan().view(-1)[5] and out_ref.isnan().view(-1)[5], "the case must have a NaN output"
+    grad = torch.randn(out_ref.shape)
+    out.backward(grad.to(dev))
+    out_ref.backward(grad.double())
+    assert ref["res"].grad.view(-1)[5] == grad.view(-1)[5], "torch.nn passes the gradient where out is NaN"
+    tol = T.tolerance(torch.float32, grad=True)
+    for k in names:
+        cmp = T.compare(ours[k].grad.cpu(), ref[k].grad, tol)
+        assert cmp.ok, f"grad of {k}: {cmp}"

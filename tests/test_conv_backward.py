@@ -202,8 +202,8 @@ def make_prologue(K, g, relu: bool, bn: bool) -> DyPrologue:
 def fused_dy_float64(g, p: DyPrologue) -> torch.Tensor:
     col = lambda v: v.double().cpu().view(1, -1, 1, 1)  # noqa: E731
     g = g.double().cpu()
-    if p.relu_out is not None:
-        g = torch.where(p.relu_out.cpu() > 0, g, 0.0)
+    if p.relu_out is not None:  # torch.relu's gradient: ATen's threshold_backward (NaN out passes g)
+        g = torch.ops.aten.threshold_backward(g, p.relu_out.double().cpu(), 0.0)
     dy = g * col(p.a)
     if p.y is not None:
         dy = dy + col(p.b) * (p.y.double().cpu() - col(p.mean)) + col(p.c)
@@ -251,6 +251,25 @@ def test_aten_impl_materialises_prologue():
     rx, rw, rb = reference_grads(fused_dy_float64(g, pro), x, w, **geo)
     for o, r, what in zip((gx, gw, gb), (rx, rw, rb), ("dgrad", "wgrad", "bias grad")):
         assert_close(o, r, "float32", what)
+
+
+@pytest.mark.parametrize("impl", ["aten", "triton"])
+def test_prologue_relu_mask_passes_where_relu_out_is_nan(impl):
+    """The prologue's dReLU is threshold_backward's: g is zeroed where relu_out <= 0 and passes
+    where relu_out is NaN, as torch.relu's gradient does (``relu_out > 0`` would drop it)."""
+    x, w, g, geo = make_problem("3x3_stride2", "float32", "nhwc")
+    pro = make_prologue(w.shape[0], g, True, True)
+    relu_out = pro.relu_out.clone()
+    nan_at = torch.rand(relu_out.shape, device=relu_out.device) < 0.2
+    relu_out[nan_at] = float("nan")
+    pro = pro._replace(relu_out=relu_out)
+    if impl == "aten" and device() == "cpu":
+        x, w, g = x.double(), w.double(), g.double()
+    args = (x, w, geo["stride"], geo["padding"], geo["dilation"], geo["groups"], True, True, True)
+    got = conv2d_backward(g, *args, impl=impl, prologue=pro)
+    ref = reference_grads(fused_dy_float64(g, pro), x, w, **geo)
+    for o, r, what in zip(got, ref, ("dgrad", "wgrad", "bias grad")):
+        assert_close(o, r, "float32", what, scale=2.0)
 
 
 def test_ops_opcheck():

@@ -38,7 +38,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from resconv import _conv_args as A  # noqa: E402
-from resconv import build  # noqa: E402
 from resconv import tolerances as T  # noqa: E402
 from resconv.ops import cuda as cuda_ops  # noqa: E402
 from resconv.ops import cuda_extension  # noqa: E402
@@ -54,16 +53,6 @@ ENV = cuda_extension.CONV_BACKWARD_ENV
 # ------------------------------------------------------------------------------------------
 # fixtures and helpers
 # ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ext():
-    """The loaded extension (compiled just in time into the cache on first use)."""
-    problem = build.toolchain_problem()
-    if problem is not None:
-        pytest.skip(f"the CUDA extension cannot be compiled here: {problem}")
-    cuda_ops.ops()
-    return build.loaded_extension()
-
-
 @pytest.fixture
 def gpu(ext):
     """A CUDA device the cuda backend can run on (skips otherwise)."""

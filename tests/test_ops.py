@@ -150,3 +150,31 @@ def test_import_does_not_import_triton():
     code = "import sys, resconv; print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch_statistics_are_finite_and_running_stats_untouched(backend):
+    """N*P*Q = 0: the training op returns an empty output and finite statistics (mean 0,
+    variance 1: the identity normalisation, not 0/0 = NaN), and a backend's training call
+    leaves running_mean/running_var untouched, as torch.nn.BatchNorm2d does."""
+    from resconv._conv_args import conv_geometry
+    from resconv.ops import BACKENDS
+
+    x, w = torch.randn(0, 4, 5, 5, device=DEV), torch.randn(8, 4, 3, 3, device=DEV)
+    gamma, beta = torch.rand(8, device=DEV) + 0.5, torch.randn(8, device=DEV)
+    if backend == "triton":
+        out, y, mean, invstd, var_u = torch.ops.resconv.triton_conv2d_bn_train(
+            x, w, None, gamma, beta, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 1e-5, True, False)
+        assert out.shape == y.shape == (0, 8, 5, 5)
+        torch.testing.assert_close(mean.cpu(), torch.zeros(8))
+        torch.testing.assert_close(var_u.cpu(), torch.ones(8))
+        torch.testing.assert_close(invstd.cpu(), torch.full((8,), (1 + 1e-5) ** -0.5))
+    bn = torch.nn.BatchNorm2d(8).to(DEV).train()
+    rm, rv = torch.randn(8, device=DEV), torch.rand(8, device=DEV) + 0.5
+    bn.running_mean.copy_(rm)
+    bn.running_var.copy_(rv)
+    ref = bn(torch.nn.functional.conv2d(x, w, padding=1))
+    g = conv_geometry(x, w, 1, 1, 1, 1)
+    out = BACKENDS[backend].conv_bn_train(x, w, None, gamma, beta, rm, rv, 0.1, 1e-5, None, g, True, False, None)
+    assert out.shape == ref.shape == (0, 8, 5, 5)
+    assert torch.equal(rm, bn.running_mean) and torch.equal(rv, bn.running_var), "running statistics changed"

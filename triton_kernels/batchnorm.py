@@ -198,7 +198,7 @@ def _bn_backward_partials_kernel(
     g = tl.load(gout_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         o = tl.load(out_ptr + (n * son + l * sol)[:, None] + (c64 * sok)[None, :], mask=mask, other=0.0)
-        g = tl.where(o > 0, g, 0.0)
+        g = tl.where(o <= 0, 0.0, g)  # NaN out passes g (threshold_backward)
     if WRITE_G:  # the residual's gradient, from the same pass
         tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=mask)
     tl.store(psum_ptr + pid_r.to(tl.int64) * K + offs_c, tl.sum(g, axis=0), mask=cm)

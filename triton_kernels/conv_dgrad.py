@@ -108,7 +108,7 @@ def load_dy_tile(
         v = v.to(tl.float32)
         if RELU:
             o = tl.load(mo_ptr + off, mask=mask, other=0.0)
-            v = tl.where(o > 0, v, 0.0)
+            v = tl.where(o <= 0, 0.0, v)  # NaN out passes g (threshold_backward)
         v = v * _bcast_k(tl.load(a_ptr + k_glob, mask=k_mask, other=0.0), K_AXIS)
         if HAS_Y:
             yv = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)

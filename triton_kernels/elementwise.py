@@ -83,7 +83,7 @@ def _bn_backward_dy_kernel(
     g = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         o = tl.load(out_ptr + offs, mask=mask, other=0.0)
-        g = tl.where(o > 0, g, 0.0)
+        g = tl.where(o <= 0, 0.0, g)  # NaN out passes g (threshold_backward)
     if WRITE_GRES:
         tl.store(gres_ptr + offs, g.to(gres_ptr.dtype.element_ty), mask=mask)
     dy = g * tl.load(a_ptr + k, mask=mask, other=0.0)

@@ -40,9 +40,10 @@ class Geometry(NamedTuple):
 class DyPrologue(NamedTuple):
     """The conv-output gradient given implicitly, from the gradient ``g`` passed as ``dy``:
 
-        dy = a[k] * where(relu_out > 0, g, 0) + b[k] * (y - mean[k]) + c[k]
+        dy = a[k] * where(relu_out <= 0, 0, g) + b[k] * (y - mean[k]) + c[k]
 
-    (dReLU and the BatchNorm input-gradient formula). ``relu_out`` None: no mask; ``y`` None:
+    (dReLU and the BatchNorm input-gradient formula; the mask is ``threshold_backward``'s: g
+    passes where relu_out is NaN, as torch.relu's gradient does). ``relu_out`` None: no mask; ``y`` None:
     no ``b``/``c``/``mean`` terms. ``a``, ``b``, ``c``, ``mean``: Tensor[K] fp32;
     ``relu_out``, ``y``: Tensor[N, K, P, Q].
     """
@@ -60,7 +61,8 @@ class DyPrologue(NamedTuple):
         col = lambda v: v.float().view(1, -1, 1, 1)  # noqa: E731
         gf = g.float()
         if self.relu_out is not None:
-            gf = torch.where(self.relu_out > 0, gf, torch.zeros((), dtype=gf.dtype, device=gf.device))
+            # not `relu_out > 0`: where relu_out is NaN the gradient passes (threshold_backward)
+            gf = torch.where(self.relu_out <= 0, torch.zeros((), dtype=gf.dtype, device=gf.device), gf)
         dy = gf * col(self.a)
         if self.y is not None:
             dy = dy + col(self.b) * (self.y.float() - col(self.mean)) + col(self.c)
@@ -75,6 +77,20 @@ def bn_input_grad_coefficients(
     (``count``: values per channel, a float or a 0-d tensor)."""
     gi = invstd if bn_weight is None else bn_weight.float() * invstd
     return gi, -gi * invstd * invstd * sum_gy / count, -gi * sum_g / count
+
+
+def empty_batch_statistics(K: int, eps: float, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                           device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(mean, invstd, var_unbiased, a, b) of a batch with no values (N*P*Q = 0), each Tensor[K]
+    fp32: the identity normalisation, mean 0 and variance 1, never NaN. BatchNorm2d returns an
+    empty output for an empty batch and leaves its running statistics untouched; these numbers
+    normalise nothing, and the callers skip the running-statistics update."""
+    mean = torch.zeros(K, dtype=torch.float32, device=device)
+    var = torch.ones(K, dtype=torch.float32, device=device)
+    invstd = torch.full((K,), (1.0 + eps) ** -0.5, dtype=torch.float32, device=device)
+    a = invstd if bn_weight is None else bn_weight.float() * invstd
+    b = torch.zeros_like(mean) if bn_bias is None else bn_bias.float().clone()
+    return mean, invstd, var, a, b
 
 
 def centred_shift(bn_bias: Optional[Tensor], like: Tensor) -> Tensor:
@@ -182,7 +198,8 @@ class Kernels:
         raise NotImplementedError
 
     def bn_backward_reduce(self, grad_out, out, y, mean, relu: bool, want_g: bool):
-        """(sum(g), sum(g * (y - mean)), g or None) with ``g = grad_out * (out > 0 if relu)``;
+        """(sum(g), sum(g * (y - mean)), g or None) with ``g = threshold_backward(grad_out, out, 0)``
+        (the ReLU gradient: zero where out <= 0, grad_out elsewhere, NaN out included) when relu;
         the second is zeros without ``y``; g is written (in grad_out's strides) only with ``want_g``."""
         raise NotImplementedError
 

@@ -24,6 +24,7 @@ from ._shared import (
     Geometry,
     Kernels,
     bn_input_grad_coefficients,
+    empty_batch_statistics,
     centred_shift,
     dense_like_first,
     ones_per_channel,
@@ -97,12 +98,16 @@ def bn_train_forward(k: Kernels, x, weight, bias, bn_weight, bn_bias, residual, 
     """(out, y, mean, invstd, var_unbiased, count): conv + bias with per-tile statistics, the
     partials merged with Chan's formula (over every rank of ``process_group`` when given), the
     centred apply ``(y - mean) * gamma * invstd + beta`` (+ residual, ReLU). y is conv + bias as
-    stored for backward; count the values per channel (all ranks), a float."""
+    stored for backward; count the values per channel (all ranks), a float. An empty batch
+    (count 0) has the statistics of :func:`~resconv.ops._shared.empty_batch_statistics`."""
     y, cnt, pmean, pm2 = k.fprop_stats(x, weight, bias, geom, allow_tf32, out_format)
     K = y.shape[1]
     n_local = y.numel() // K if K else 0
     if process_group is None:
-        mean, invstd, var_u, a, _ = k.bn_finalize(cnt, pmean, pm2, bn_weight, bn_bias, eps)
+        if n_local == 0:  # no statistics (kernels would divide 0 by 0)
+            mean, invstd, var_u, a, _ = empty_batch_statistics(K, eps, bn_weight, bn_bias, x.device)
+        else:
+            mean, invstd, var_u, a, _ = k.bn_finalize(cnt, pmean, pm2, bn_weight, bn_bias, eps)
         count = float(n_local)
     else:
         import torch.distributed as dist
@@ -117,10 +122,13 @@ def bn_train_forward(k: Kernels, x, weight, bias, bn_weight, bn_bias, residual, 
         dist.all_gather(parts, local, group=process_group)
         gathered = torch.stack(parts)  # [world, 2K + 1]: (mean, M2, count) per rank
         counts = gathered[:, 2 * K].contiguous()
-        mean, invstd, var_u, a, _ = k.bn_finalize(
-            counts, gathered[:, :K].contiguous(), gathered[:, K : 2 * K].contiguous(), bn_weight, bn_bias, eps
-        )
         count = float(counts.sum().item())
+        if count == 0:  # every rank's batch is empty
+            mean, invstd, var_u, a, _ = empty_batch_statistics(K, eps, bn_weight, bn_bias, x.device)
+        else:
+            mean, invstd, var_u, a, _ = k.bn_finalize(
+                counts, gathered[:, :K].contiguous(), gathered[:, K : 2 * K].contiguous(), bn_weight, bn_bias, eps
+            )
     out = k.scale_shift_act(y, a, centred_shift(bn_bias, mean), mean, residual, relu)
     return out, y, mean, invstd, var_u, count
 
@@ -208,7 +216,8 @@ class SyncConvBnTrain(torch.autograd.Function):
             kernels, x, weight, bias, bn_weight, bn_bias, residual, g, eps, relu, allow_tf32, out_format,
             process_group,
         )
-        kernels.update_running_stats_(running_mean, running_var, mean, var_u, momentum)
+        if count > 0:  # an empty batch leaves them untouched, as BatchNorm2d
+            kernels.update_running_stats_(running_mean, running_var, mean, var_u, momentum)
         ctx.geom, ctx.relu, ctx.group, ctx.kernels = g, relu, process_group, kernels
         ctx.allow_tf32, ctx.count = allow_tf32, max(count, 1.0)
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (bias, bn_weight, bn_bias))

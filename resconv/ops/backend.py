@@ -47,7 +47,8 @@ class KernelBackend:
         out, _, mean, _, var_unbiased = self.kernels.bn_train(
             x, weight, bias, bn_weight, bn_bias, residual, _geom(g), eps, relu, allow_tf32, fmt
         )
-        self.kernels.update_running_stats_(running_mean, running_var, mean, var_unbiased, momentum)
+        if out.numel() > 0:  # an empty batch leaves them untouched, as BatchNorm2d
+            self.kernels.update_running_stats_(running_mean, running_var, mean, var_unbiased, momentum)
         return out
 
     def add_relu(self, x, residual, relu: bool):

@@ -43,7 +43,8 @@ SCHEMAS = {
         "(Tensor mean, Tensor invstd, Tensor var_unbiased, Tensor a, Tensor b)",
     "cuda_bn_update_running_stats_":
         "(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor mean, Tensor var_unbiased, float momentum) -> ()",
-    "cuda_scale_shift_act": "(Tensor y, Tensor? a, Tensor? b, Tensor? residual, bool relu) -> Tensor",
+    "cuda_scale_shift_act":
+        "(Tensor y, Tensor? a, Tensor? b, Tensor? residual, bool relu, Tensor? center=None) -> Tensor",
     "cuda_add_relu": "(Tensor x, Tensor residual, bool relu) -> Tensor",
     "cuda_bn_backward_reduce":
         "(Tensor grad_out, Tensor? out, Tensor? y, Tensor? mean, bool relu) -> (Tensor sum_g, Tensor sum_gy)",
@@ -58,8 +59,13 @@ SCHEMAS = {
         "(Tensor grad, Tensor x, Tensor? relu_out, Tensor? y, Tensor? a, Tensor? b, Tensor? c, Tensor? mean, "
         "int[4] weight_size, int[2] stride, int[4] padding, int[2] dilation, int groups, bool need_bias, "
         "bool weight_channels_last, bool allow_tf32, int split_k=0) -> (Tensor grad_weight, Tensor grad_bias)",
+    # Diagnostics (tests, `resconv inspect`): a copy of the filter as the kernels read it, from
+    # the repacked-filter cache (csrc/filter_cache.h); layout 0: [K, R, S, C/groups] with C/groups
+    # padded to a multiple of pad_to, 1: [groups, R, S, C/groups, K/groups]. Runs on CPU too.
+    "cuda_packed_filter":
+        "(Tensor weight, int layout, int groups, int pad_to) -> (Tensor packed, bool cache_hit, bool aligned16)",
 }
-OPS = tuple(n for n in SCHEMAS if n not in ("cuda_conv2d_dgrad", "cuda_conv2d_wgrad"))
+OPS = tuple(n for n in SCHEMAS if n not in ("cuda_conv2d_dgrad", "cuda_conv2d_wgrad", "cuda_packed_filter"))
 # The conv backward ops (tests/test_cuda_conv_backward.py covers them; OPS is the list
 # tests/test_cuda_backend.py runs its per-op checks over).
 CONV_BACKWARD_OPS = ("cuda_conv2d_dgrad", "cuda_conv2d_wgrad")
@@ -110,7 +116,7 @@ def _fake_bn_update_running_stats_(running_mean, running_var, mean, var_unbiased
     return None
 
 
-def _fake_scale_shift_act(y, a, b, residual, relu):
+def _fake_scale_shift_act(y, a, b, residual, relu, center=None):
     return _empty(y.shape, y, memory_format_of(y))
 
 
@@ -143,6 +149,13 @@ def _fake_conv2d_wgrad(grad, x, relu_out, y, a, b, c, mean, weight_size, stride,
     return gw, gb
 
 
+def _fake_packed_filter(weight, layout, groups, pad_to):
+    K, Cg, R, S = weight.shape
+    if layout == 1:
+        return _empty((groups, R, S, Cg, K // groups), weight), False, True
+    return _empty((K, -(-Cg // pad_to) * pad_to, R, S), weight, torch.channels_last), False, True
+
+
 _FAKES = {
     "cuda_conv2d_fprop": _fake_conv2d_fprop,
     "cuda_conv2d_fprop_stats": _fake_conv2d_fprop_stats,
@@ -155,6 +168,7 @@ _FAKES = {
     "cuda_bn_backward_dy": _fake_bn_backward_dy,
     "cuda_conv2d_dgrad": _fake_conv2d_dgrad,
     "cuda_conv2d_wgrad": _fake_conv2d_wgrad,
+    "cuda_packed_filter": _fake_packed_filter,
 }
 for _name, _fake in _FAKES.items():
     torch.library.register_fake(f"resconv::{_name}", _fake, lib=_LIB)
@@ -183,7 +197,9 @@ class CudaKernels(Kernels):
     ``fused_conv_backward`` (default: ``RESCONV_CUDA_CONV_BACKWARD`` == "cuda", read once, on
     first use; assign it to switch later):
     resconv's own CUDA dgrad/wgrad with the fused prologue; otherwise ATen's on a dy that
-    ``cuda_bn_backward_dy`` materialises.
+    ``cuda_bn_backward_dy`` materialises. With the Hopper kernels switched on
+    (``RESCONV_CUDA_HOPPER``, :mod:`resconv.ops.cuda_extension`) resconv's own backward
+    materialises dy too: the Hopper dgrad/wgrad read it.
     """
 
     name = "cuda"
@@ -232,6 +248,13 @@ class CudaKernels(Kernels):
 
     def own_conv_backward(self, dy, x, weight, geom, need_input, need_weight, need_bias, allow_tf32, prologue):
         o = _ops_for(x)
+        if prologue is not None and cuda_extension.hopper_enabled():
+            # The Hopper dgrad/wgrad read a materialised dy (csrc/hopper_plan.h): form it once, in
+            # one fused pass, for both (the hand-written kernels then serve the rest without it).
+            p = prologue
+            dy, _ = self.bn_backward_dy(dy, p.relu_out, p.y, p.a, p.b, p.c, p.mean, p.relu_out is not None, False,
+                                        x.dtype)
+            prologue = None
         p = prologue if prologue is not None else DyPrologue(None)  # type: ignore[arg-type]
         as_dt = lambda t: t if t is None or t.dtype == x.dtype else t.to(x.dtype)  # noqa: E731
         dy, relu_out, y = as_dt(dy), as_dt(p.relu_out), as_dt(p.y)  # the kernels take one operand dtype
@@ -255,12 +278,10 @@ class CudaKernels(Kernels):
         return tuple(_ops_for(mean).cuda_bn_finalize(count, mean, m2, bn_weight, bn_bias, eps))
 
     def scale_shift_act(self, y, a, b, center, residual, relu):
-        # The C++ kernel has no centre yet: it is folded into the shift (b - center * a), which
-        # loses log2(|mean| / std) bits where the conv output has a large common offset (the
-        # Triton kernel subtracts it first).
-        if center is not None:
-            b = b - center * a
-        return _ops_for(y).cuda_scale_shift_act(y, a, b, residual, relu)
+        # The kernel subtracts the centre first ((y - center) * a + b, in fp32), as the Triton
+        # one does: folding it into the shift (b - center * a) would lose log2(|mean| / std) bits
+        # where the conv output has a large common offset.
+        return _ops_for(y).cuda_scale_shift_act(y, a, b, residual, relu, center)
 
 
 def _ones(t: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ of :mod:`resconv.ops.triton`, which calls them from ``TritonKernels.conv_backwar
 * ``resconv::triton_conv2d_wgrad``: weight gradient (and bias gradient, from the same pass).
 
 Both take the gradient at the conv output either as a tensor ``grad`` (``a`` None) or through
-the fused dReLU/dBN prologue, ``dy = a[k]*where(relu_out > 0, grad, 0) + b[k]*(y - mean[k]) + c[k]``,
+the fused dReLU/dBN prologue, ``dy = a[k]*where(relu_out <= 0, 0, grad) + b[k]*(y - mean[k]) + c[k]``,
 formed while the kernels load their operand tiles (see ``resconv.triton_kernels.conv_dgrad``).
 They have no autograd of their own (no double backward). Kernels are imported on first call.
 """
