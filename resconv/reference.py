@@ -284,11 +284,16 @@ def conv_bn2d_train(
     if process_group is None and y_numel_positive(x, weight) and (running_mean is None) == (running_var is None) \
             and _native(x, bias, bn_weight, bn_bias, running_mean, running_var):
         y = _conv(x, weight, bias, stride, padding, dilation, groups)
-        z = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps)
-        return _epilogue(z, residual, relu, x, owned=True)
-    y = conv_acc(x, weight, stride, padding, dilation, groups)
-    if bias is not None:
-        y = y + _channel(bias, y.dtype)
+        # ATen's CPU apply is centred ((y - mean) * invstd) for NCHW only; its channels_last
+        # form y * a + (beta - mean * a) cancels in float32 when |mean| >> std (the test
+        # test_batch_statistics_do_not_cancel), so float32 channels_last is normalised below.
+        if x.dtype == torch.float64 or y.is_contiguous():
+            z = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps)
+            return _epilogue(z, residual, relu, x, owned=True)
+    else:
+        y = conv_acc(x, weight, stride, padding, dilation, groups)
+        if bias is not None:
+            y = y + _channel(bias, y.dtype)
     mean, var, count = batch_moments(y, process_group)
     if count > 0:  # an empty batch leaves the running statistics untouched, as BatchNorm2d
         update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
