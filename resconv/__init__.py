@@ -10,6 +10,7 @@ existing model's conv/bn/relu patterns into fused modules and back), :mod:`resco
 from . import functional, models, nn, reference
 from ._version import __version__
 from .convert import convert, revert
+from ._conv_args import InvalidArgumentError, InvalidArgumentTypeError
 from .functional import BackendUnavailableError, available_backends
 
 __all__ = [
@@ -21,5 +22,7 @@ __all__ = [
     "revert",
     "available_backends",
     "BackendUnavailableError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
     "__version__",
 ]

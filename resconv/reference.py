@@ -8,10 +8,16 @@ API, which validates and normalises): ``x`` is 4-D, ``padding`` is
 ``(top, bottom, left, right)`` zero padding, ``stride``/``dilation`` are pairs.
 
 Precision rule (the one the kernels follow): the convolution accumulates in float32
-(float64 for float64 input); the whole epilogue (scale/shift, BatchNorm, residual, ReLU)
-is computed in that precision and the result is rounded once to the input dtype. fp16/bf16
-operands are exactly representable in float32, so upcasting them changes nothing but the
-accumulator. On CUDA, float32 follows ``torch.backends.cudnn.allow_tf32`` like nn.Conv2d.
+(float64 for float64 input, complex64/complex128 for complex input); the whole epilogue
+(scale/shift, BatchNorm, residual, ReLU) is computed in that precision and the result is
+rounded once to the input dtype. fp16/bf16 operands are exactly representable in float32, so
+upcasting them changes nothing but the accumulator. On CUDA, float32 follows
+``torch.backends.cudnn.allow_tf32`` like nn.Conv2d.
+
+Outputs take the memory format torch.nn.functional.conv2d gives for the same input and
+weight (:func:`resconv._conv_args.conv_memory_format`). With no input channels (C == 0) the
+output has no channels either, as torch's (``Tensor[N, 0, P, Q]``); per-channel parameters
+then get zero gradients and the running statistics stay as they are.
 """
 from __future__ import annotations
 
@@ -20,14 +26,17 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._conv_args import memory_format_of
+from ._conv_args import conv_memory_format, memory_format_of
 
 Tensor = torch.Tensor
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation / epilogue dtype for an input dtype: float64 stays, the rest use float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """Accumulation / epilogue dtype for an input dtype: float64 and complex64/complex128 stay,
+    complex32 uses complex64, the rest float32."""
+    if dtype in (torch.float64, torch.complex64, torch.complex128):
+        return dtype
+    return torch.complex64 if dtype == torch.complex32 else torch.float32
 
 
 def conv_acc(
@@ -43,7 +52,7 @@ def conv_acc(
     Args:
         x (Tensor[N, C, H, W]), weight (Tensor[K, C/groups, R, S]); padding (top, bottom, left, right).
     Returns:
-        Tensor[N, K, P, Q] in float32 (float64 for float64 input), x's memory format.
+        Tensor[N, K, P, Q] (Tensor[N, 0, P, Q] when C == 0) in :func:`acc_dtype` of x's dtype.
     """
     dt = acc_dtype(x.dtype)
     xc, wc = x.to(dt), weight.to(dt)
@@ -53,17 +62,21 @@ def conv_acc(
     return F.conv2d(F.pad(xc, (l, r, t, b)), wc, None, tuple(stride), 0, tuple(dilation), groups)
 
 
-def _epilogue(y: Tensor, residual: Optional[Tensor], relu: bool, like: Tensor) -> Tensor:
-    """Residual, ReLU, one rounding to ``like``'s dtype, and ``like``'s memory format."""
+def _epilogue(y: Tensor, residual: Optional[Tensor], relu: bool, dtype: torch.dtype,
+              memory_format: torch.memory_format) -> Tensor:
+    """Residual, ReLU, one rounding to ``dtype``, in ``memory_format``."""
     if residual is not None:
         y = y + residual.to(y.dtype)
     if relu:
         y = torch.relu(y)
-    return y.to(like.dtype).contiguous(memory_format=memory_format_of(like))
+    return y.to(dtype).contiguous(memory_format=memory_format)
 
 
-def _channel(v: Tensor, dtype: torch.dtype) -> Tensor:
-    return v.to(dtype).view(1, -1, 1, 1)
+def _channel(v: Tensor, y: Tensor) -> Tensor:
+    """Per-channel v (Tensor[K]) to broadcast over y (Tensor[N, K, P, Q]) in y's dtype. A
+    y without channels (C == 0) takes none of v: v still gets its (zero) gradient."""
+    v = v.to(y.dtype)
+    return (v if y.shape[1] == v.shape[0] else v[: y.shape[1]]).view(1, -1, 1, 1)
 
 
 def conv2d(
@@ -89,20 +102,20 @@ def conv2d(
         scale, shift (Tensor[K] or None): per-output-channel epilogue, any float dtype.
         residual (Tensor[N, K, P, Q] or None): added before the activation.
     Returns:
-        Tensor[N, K, P, Q] in x's dtype.
+        Tensor[N, K, P, Q] in x's dtype and :func:`~resconv._conv_args.conv_memory_format`.
     """
     y = conv_acc(x, weight, stride, padding, dilation, groups)
     if scale is not None:
-        y = y * _channel(scale, y.dtype)
+        y = y * _channel(scale, y)
     if shift is not None:
-        y = y + _channel(shift, y.dtype)
-    return _epilogue(y, residual, relu, x)
+        y = y + _channel(shift, y)
+    return _epilogue(y, residual, relu, x.dtype, conv_memory_format(x, weight))
 
 
 def add_relu(x: Tensor, residual: Tensor, relu: bool = True) -> Tensor:
-    """``out = act(x + residual)`` computed in float32 (float64 for float64), rounded once."""
+    """``out = act(x + residual)`` computed in :func:`acc_dtype`, rounded once, in x's memory format."""
     dt = acc_dtype(x.dtype)
-    return _epilogue(x.to(dt), residual, relu, x)
+    return _epilogue(x.to(dt), residual, relu, x.dtype, memory_format_of(x))
 
 
 def bn_fold(
@@ -117,12 +130,16 @@ def bn_fold(
 
     ``BN(conv + b) = scale * conv + shift`` with ``scale = gamma / sqrt(var + eps)`` and
     ``shift = beta + (b - mean) * scale`` (torch.nn.BatchNorm2d's formula rearranged).
-    Differentiable; computed in float32 (float64 when the statistics are float64).
+    Differentiable; computed in the widest dtype of the arguments, at least float32 (float64
+    stays float64).
 
     Returns:
         (scale, shift), each Tensor[K].
     """
-    dt = torch.float64 if running_var.dtype == torch.float64 else torch.float32
+    dt = torch.float32
+    for t in (bias, bn_weight, bn_bias, running_mean, running_var):
+        if t is not None:
+            dt = torch.promote_types(dt, t.dtype)
     scale = torch.rsqrt(running_var.to(dt) + eps)
     if bn_weight is not None:
         scale = scale * bn_weight.to(dt)
@@ -154,8 +171,8 @@ def combine_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Te
 def batch_moments(y: Tensor, process_group=None) -> tuple[Tensor, Tensor, int]:
     """Per-channel batch mean and biased variance of y (Tensor[N, K, P, Q]), optionally over
     all ranks of ``process_group`` (differentiable all-gather of (count, mean, M2))."""
-    n_local = y.numel() // y.shape[1]
-    if n_local == 0:  # an empty batch has no statistics; its (empty) output needs none
+    n_local = y.shape[0] * y.shape[2] * y.shape[3]
+    if n_local == 0 or y.shape[1] == 0:  # an empty batch (or no channels) has no statistics; its output needs none
         zeros = y.new_zeros(y.shape[1]) + y.sum((0, 2, 3))  # keeps the graph: gradients are zeros
         mean, var = zeros, zeros + 1.0
     else:
@@ -226,13 +243,14 @@ def conv_bn2d_train(
     """
     y = conv_acc(x, weight, stride, padding, dilation, groups)
     if bias is not None:
-        y = y + _channel(bias, y.dtype)
+        y = y + _channel(bias, y)
     mean, var, count = batch_moments(y, process_group)
-    update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
+    if y.shape[1] == weight.shape[0]:  # with no channels (C == 0) torch leaves the statistics as they are
+        update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
     invstd = torch.rsqrt(var + eps)
     z = (y - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
     if bn_weight is not None:
-        z = z * _channel(bn_weight, z.dtype)
+        z = z * _channel(bn_weight, z)
     if bn_bias is not None:
-        z = z + _channel(bn_bias, z.dtype)
-    return _epilogue(z, residual, relu, x)
+        z = z + _channel(bn_bias, z)
+    return _epilogue(z, residual, relu, x.dtype, conv_memory_format(x, weight))
