@@ -223,6 +223,23 @@ def _check_groups(groups: int) -> None:
                      "non-positive groups is not supported")
 
 
+def _check_same_padding(weight: torch.Tensor, xs: list, st: tuple, dl: tuple, stride) -> None:
+    """ATen's convolution_same checks (xs: the batched input's size)."""
+    _check_weight_dims(weight)
+    ws = list(weight.shape)
+    if weight.dim() != 4:
+        raise _error(InvalidArgumentError, f"weight: expected a 4-D tensor, got shape {tuple(ws)}",
+                     f"Expected {weight.dim()}-dimensional input for {weight.dim()}-dimensional weight{ws}, but got "
+                     f"4-dimensional input of size {xs} instead")
+    for name, v in (("stride", st), ("dilation", dl)):
+        if len(v) not in (1, 2):
+            raise _error(InvalidArgumentTypeError, f"{name}: expected an int or a pair of ints, got {v!r}",
+                         f"{name} cannot broadcast to 2 dimensions")
+    if any(s != 1 for s in st):
+        raise _error(InvalidArgumentError, f"padding: 'same' needs stride 1, got stride={stride!r}",
+                     "padding='same' is not supported for strided convolutions")
+
+
 def check_conv_args(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -283,18 +300,7 @@ def check_conv_args(
                          f"{padding!r}", f"Invalid padding string: '{padding}'")
         _check_groups(groups)
     if mode == "same":
-        _check_weight_dims(weight)
-        if weight.dim() != 4:
-            raise _error(InvalidArgumentError, f"weight: expected a 4-D tensor, got shape {tuple(ws)}",
-                         f"Expected {weight.dim()}-dimensional input for {weight.dim()}-dimensional weight{ws}, but got "
-                         f"4-dimensional input of size {xs} instead")
-        for name, v in (("stride", st), ("dilation", dl)):
-            if len(v) not in (1, 2):
-                raise _error(InvalidArgumentTypeError, f"{name}: expected an int or a pair of ints, got {v!r}",
-                             f"{name} cannot broadcast to 2 dimensions")
-        if any(s != 1 for s in st):
-            raise _error(InvalidArgumentError, f"padding: 'same' needs stride 1, got stride={stride!r}",
-                         "padding='same' is not supported for strided convolutions")
+        _check_same_padding(weight, xs, st, dl, stride)
     # _convolution
     _check_weight_dims(weight)
     _check_groups(groups)
