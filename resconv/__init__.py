@@ -33,6 +33,8 @@ _API = {
     "revert": ("resconv.convert", "revert"),
     "available_backends": ("resconv.functional", "available_backends"),
     "BackendUnavailableError": ("resconv.functional", "BackendUnavailableError"),
+    "InvalidArgumentError": ("resconv._conv_args", "InvalidArgumentError"),
+    "InvalidArgumentTypeError": ("resconv._conv_args", "InvalidArgumentTypeError"),
 }
 
 __all__ = list(_API) + ["__version__"]

@@ -7,9 +7,19 @@ extension (CUDA tensors, when built), then Triton (CUDA tensors; CPU tensors onl
 raises :class:`BackendUnavailableError`, chained to the original cause (import or build
 error) where there is one.
 
-Every function validates its arguments first, the same way for all backends (see
-``resconv._conv_args``), and never modifies its inputs; only ``conv_bn2d`` in training mode
-updates ``running_mean``/``running_var`` in place, as ``torch.nn.functional.batch_norm`` does.
+Every function validates its arguments first, the same way for all backends and in the
+order torch does (see ``resconv._conv_args``): a call torch.nn.functional.conv2d rejects
+raises the exception class torch raises (``RuntimeError`` for ATen's checks, through
+:class:`~resconv._conv_args.InvalidArgumentError` and
+:class:`~resconv._conv_args.InvalidArgumentTypeError`, which are also ``ValueError`` /
+``TypeError``) with a message ending in ATen's text. Functions never modify their inputs;
+only ``conv_bn2d`` in training mode updates ``running_mean``/``running_var`` in place, as
+``torch.nn.functional.batch_norm`` does.
+
+Dtypes a backend cannot serve (complex, float64 for the kernels) go to the torch backend
+under "auto"; so do calls with nothing to compute (an empty batch, no input channels), on
+every backend. Outputs take the memory format torch.nn.functional.conv2d gives the same
+input and weight (:func:`resconv._conv_args.conv_memory_format`).
 """
 from __future__ import annotations
 
@@ -20,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import resconv._conv_args as A
+from ._conv_args import InvalidArgumentError, InvalidArgumentTypeError  # noqa: F401 (raised here, for users)
 from .ops import AUTO_ORDER, BACKENDS
-from .reference import bn_fold
+from .reference import acc_dtype, bn_fold
 
 Tensor = torch.Tensor
 IntOrPair = Union[int, Sequence[int]]
@@ -119,27 +130,32 @@ def _tf32(allow_tf32: Optional[bool]) -> bool:
 
 
 def _prepare(input, weight, bias, stride, padding, dilation, groups, padding_mode, residual):
-    """Validate; batch an unbatched input; apply non-zero padding modes explicitly (as
-    nn.Conv2d does). Returns (x, residual, geometry, unbatched)."""
-    A.check_tensor(input, "input", dims=(3, 4))
+    """Validate (as F.conv2d, in ATen's order); batch an unbatched input; apply non-zero
+    padding modes explicitly (as nn.Conv2d does). Returns (x, residual, geometry, unbatched)."""
     A.check_padding_mode(padding_mode)
+    g = A.check_conv_args(input, weight, bias, stride, padding, dilation, groups)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     if residual is not None:
         A.check_tensor(residual, "residual")
         if unbatched and residual.dim() == 3:
             residual = residual.unsqueeze(0)
-    g = A.conv_geometry(x, weight, stride, padding, dilation, groups)
-    A.check_channel_vector(bias, "bias", g.K, x.device)
-    if bias is not None:
-        A.check_same(bias, x, "bias")
     if padding_mode != "zeros" and any(g.padding):
         t, b, l, r = g.padding
-        # F.pad may return another layout: keep the input's, which the output follows.
-        x = F.pad(x, (l, r, t, b), mode=padding_mode).contiguous(memory_format=A.memory_format_of(x))
-        g = A.conv_geometry(x, weight, g.stride, (0, 0, 0, 0), g.dilation, g.groups)
+        # The padded input keeps the layout F.pad gives it (contiguous for 'circular'): nn.Conv2d
+        # convolves that, and the output format follows it.
+        x = F.pad(x, (l, r, t, b), mode=padding_mode)
+        g = A.check_conv_args(x, weight, None, g.stride, 0, g.dilation, g.groups)
     A.check_residual(residual, x, g.out_shape)
     return x, residual, g, unbatched
+
+
+def _backend_for(backend: Optional[str], x: Tensor, g: A.ConvGeometry):
+    """The backend that runs a conv: :func:`select_backend`'s (which raises for a forced
+    backend that cannot serve x), or the torch backend when there is nothing to compute (an
+    empty batch, no input channels), which gives torch's shapes and zero gradients."""
+    be = select_backend(backend, x)
+    return BACKENDS["torch"] if g.empty else be
 
 
 def conv2d(
@@ -165,9 +181,10 @@ def conv2d(
     keyword extras this computes exactly what it computes.
 
     Args:
-        input (Tensor[N, C, H, W] or Tensor[C, H, W]): float16, bfloat16, float32 or float64
-            (float64: torch backend); NCHW or channels_last; non-contiguous is fine.
-        weight (Tensor[K, C/groups, R, S]): input's dtype and device.
+        input (Tensor[N, C, H, W] or Tensor[C, H, W]): float16, bfloat16, float32, float64 or
+            complex (float64 and complex: torch backend); NCHW or channels_last;
+            non-contiguous is fine; N == 0 or C == 0 give an empty output, as torch's.
+        weight (Tensor[K, C/groups, R, S]): input's dtype and device; NCHW or channels_last.
         bias (Tensor[K] or None): added to the conv output.
         stride (int or (int, int)): positive.
         padding (int, (int, int), 'same' or 'valid'): 'same' pads asymmetrically for even
@@ -176,8 +193,9 @@ def conv2d(
         groups (int): divides C and K (groups == C is depthwise).
         padding_mode (str): 'zeros', 'reflect', 'replicate' or 'circular'.
         scale (Tensor[K] or None): per-output-channel scale of the epilogue (e.g. eval
-            BatchNorm folded in, see :func:`resconv.reference.bn_fold`), applied in fp32.
-        shift (Tensor[K] or None): per-output-channel shift of the epilogue.
+            BatchNorm folded in, see :func:`resconv.reference.bn_fold`), applied in fp32
+            (float64 and complex: in the input's dtype).
+        shift (Tensor[K] or None): per-output-channel shift of the epilogue, as ``scale``.
         residual (Tensor[N, K, P, Q] or None): added after ``shift``; input's dtype.
         relu (bool): apply ReLU last.
         allow_tf32 (bool or None): float32 on tensor cores in TF32; None follows
@@ -186,23 +204,31 @@ def conv2d(
             (see the module docstring).
 
     Returns:
-        Tensor[N, K, P, Q] (Tensor[K, P, Q] for unbatched input) in input's dtype and memory
-        format, ``P = (H + pad_top + pad_bottom - dilation*(R-1) - 1) // stride + 1`` (Q alike).
+        Tensor[N, K, P, Q] (Tensor[K, P, Q] for unbatched input; K is 0 when C is 0, as
+        torch's) in input's dtype, in the memory format torch.nn.functional.conv2d gives
+        (channels_last when input or weight is), ``P = (H + pad_top + pad_bottom -
+        dilation*(R-1) - 1) // stride + 1`` (Q alike).
 
     Raises:
-        TypeError: non-tensor arguments, non-floating dtypes, dtype mismatches.
-        ValueError: wrong ranks or shapes, channels not matching weight, groups not dividing
-            the channels, non-positive stride/dilation, negative padding, 'same' with
-            stride > 1, a kernel larger than the padded input, mixed devices, unknown backend.
+        TypeError: non-tensor arguments, non-int geometry arguments (as torch's argument parser).
+        InvalidArgumentTypeError (RuntimeError, TypeError): dtypes resconv does not compute
+            (integers, ...), dtypes that differ, parameter lists of the wrong length.
+        InvalidArgumentError (RuntimeError, ValueError): what F.conv2d rejects (wrong ranks,
+            channels not matching weight, groups not dividing the output channels,
+            non-positive stride/dilation/groups, negative padding, 'same' with stride > 1, a
+            kernel larger than the padded input, an empty kernel, empty spatial input with N,
+            C > 0), mixed devices, wrong scale/shift/residual shapes. Messages end in ATen's text.
+        ValueError: unknown padding_mode or backend.
         BackendUnavailableError: a forced backend that cannot serve the call.
     """
     input, weight, bias, residual = _autocast(input, weight, bias, residual)
     x, residual, g, unbatched = _prepare(input, weight, bias, stride, padding, dilation, groups, padding_mode, residual)
     A.check_channel_vector(scale, "scale", g.K, x.device)
     A.check_channel_vector(shift, "shift", g.K, x.device)
-    if bias is not None:  # fold the bias into the epilogue: scale*(acc + b) + shift
-        shift = bias.float() * (scale.float() if scale is not None else 1.0) + (shift.float() if shift is not None else 0.0)
-    be = select_backend(backend, x)
+    if bias is not None:  # fold the bias into the epilogue, in the accumulation dtype: scale*(acc + b) + shift
+        dt = acc_dtype(x.dtype)
+        shift = bias.to(dt) * (scale.to(dt) if scale is not None else 1.0) + (shift.to(dt) if shift is not None else 0.0)
+    be = _backend_for(backend, x, g)
     out = be.conv2d(x, weight, scale, shift, residual, g, relu, _tf32(allow_tf32))
     return out.squeeze(0) if unbatched else out
 
@@ -264,30 +290,37 @@ def conv_bn2d(
         backend (str or None): as in :func:`conv2d`.
 
     Returns:
-        Tensor[N, K, P, Q] in input's dtype and memory format.
+        Tensor[N, K, P, Q] in input's dtype and :func:`conv2d`'s memory format.
 
     Raises:
-        ValueError: as :func:`conv2d`; running statistics missing in eval mode; a training
-            batch with one value per channel (the error nn.BatchNorm2d raises).
+        As :func:`conv2d`, and as torch.nn.functional.batch_norm: ValueError for a training
+        batch with one value per channel; InvalidArgumentError (RuntimeError, ValueError) for
+        running statistics missing in eval mode or per-channel tensors of the wrong size;
+        NotImplementedError for complex input (torch has no complex BatchNorm).
     """
     input, weight, bias, residual = _autocast(input, weight, bias, residual)
     x, residual, g, unbatched = _prepare(input, weight, bias, stride, padding, dilation, groups, padding_mode, residual)
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"),
-                    (bn_weight, "bn_weight"), (bn_bias, "bn_bias")):
-        A.check_channel_vector(t, name, g.K, x.device)
-    if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError("running_mean, running_var: required when training=False")
-        scale, shift = bn_fold(bias, bn_weight, bn_bias, running_mean, running_var, eps)
-        be = select_backend(backend, x)
-        out = be.conv2d(x, weight, scale, shift, residual, g, relu, _tf32(allow_tf32))
-        return out.squeeze(0) if unbatched else out
     per_channel = g.N * g.P * g.Q
     world = _world_size(process_group)
-    if per_channel * world <= 1 and not (per_channel == 0):
-        shape = (g.N, g.K, g.P, g.Q)
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(shape)}")
-    be = select_backend(backend, x)
+    if training and per_channel * world <= 1 and not (per_channel == 0):
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size(g.out_shape)}")
+    if not training and (running_mean is None or running_var is None):
+        name = "running_mean" if running_mean is None else "running_var"
+        raise A.InvalidArgumentError(f"{name}: required when training=False (eval mode normalises with the running "
+                                     f"statistics). {name} must be defined in evaluation mode")
+    for t, name, aten_name in ((running_mean, "running_mean", "running_mean"), (running_var, "running_var", "running_var"),
+                               (bn_weight, "bn_weight", "weight"), (bn_bias, "bn_bias", "bias")):
+        A.check_channel_vector(t, name, g.K, x.device, aten_name)
+    if x.is_complex():
+        raise NotImplementedError(f"input: BatchNorm of complex tensors is not defined (as in torch). \"batch_norm\" "
+                                  f"not implemented for '{A.aten_scalar_type(x.dtype)}'")
+    if not training:
+        scale, shift = bn_fold(bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        be = _backend_for(backend, x, g)
+        out = be.conv2d(x, weight, scale, shift, residual, g, relu, _tf32(allow_tf32))
+        return out.squeeze(0) if unbatched else out
+    be = _backend_for(backend, x, g)
     if per_channel == 0 and world == 1:  # empty batch: empty output, statistics untouched
         out = BACKENDS["torch"].conv_bn_train(
             x, weight, bias, bn_weight, bn_bias, None, None, momentum, eps, residual, g, relu, False, None
@@ -311,18 +344,23 @@ def add_relu(input: Tensor, residual: Tensor, *, relu: bool = True, backend: Opt
     Returns:
         Tensor of input's shape, dtype and memory format.
     Raises:
-        TypeError / ValueError: non-tensors, non-floating or mismatched dtypes, shapes or devices.
+        TypeError: non-tensors. InvalidArgumentTypeError (RuntimeError, TypeError): dtypes
+        resconv does not compute, or that differ. InvalidArgumentError (RuntimeError,
+        ValueError): shapes or devices that differ (no broadcasting).
+        NotImplementedError: ReLU of complex tensors (as torch.relu).
     """
     A.check_tensor(input, "input")
     A.check_tensor(residual, "residual")
     input, residual = _autocast(input, residual)
     if tuple(residual.shape) != tuple(input.shape):
-        raise ValueError(f"residual: expected input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+        raise A.InvalidArgumentError(f"residual: expected input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
     A.check_same(residual, input, "residual")
     x = input
     if x.dim() != 4:  # kernels see [N, C, H, W]; other ranks go through as one channel
         x, residual = x.reshape(1, 1, 1, -1), residual.reshape(1, 1, 1, -1)
     be = select_backend(backend, x)
+    if x.numel() == 0:  # nothing to compute: torch's empty result
+        be = BACKENDS["torch"]
     out = be.add_relu(x, residual, relu)
     return out.reshape(input.shape) if input.dim() != 4 else out
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import resconv.functional as RF
+from ._conv_args import conv_memory_format
 
 Tensor = torch.Tensor
 
@@ -46,8 +47,9 @@ class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` computed by resconv (same constructor and ``state_dict``).
 
     Shapes: input Tensor[N, C, H, W] or Tensor[C, H, W] -> Tensor[N, K, P, Q] (or
-    Tensor[K, P, Q]), in the input's dtype and memory format. See
-    :func:`resconv.functional.conv2d` for dtypes, backends and the errors raised.
+    Tensor[K, P, Q]), in the input's dtype and the memory format torch.nn.Conv2d gives
+    (channels_last when the input or the weight is). See :func:`resconv.functional.conv2d`
+    for dtypes, backends and the errors raised (torch's classes, ATen's text).
 
     Attributes:
         backend (str or None): force a backend for this module ('triton', 'cuda', 'torch').
@@ -59,14 +61,19 @@ class Conv2d(nn.Conv2d):
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return RF.conv2d(
-            input, self._packed_weight(weight), bias, self.stride, self.padding, self.dilation, self.groups,
+            input, self._packed_weight(weight, input), bias, self.stride, self.padding, self.dilation, self.groups,
             padding_mode=self.padding_mode, allow_tf32=self.allow_tf32, backend=self.backend,
         )
 
-    def _packed_weight(self, weight: Tensor) -> Tensor:
+    def _packed_weight(self, weight: Tensor, input) -> Tensor:
         """The filters in the kernels' layout (K R S C, channels_last), repacked once and
-        cached until the parameter changes."""
+        cached until the parameter changes. Only where that leaves the output's memory format
+        as it is (a channels_last input: torch's rule makes the output channels_last anyway);
+        otherwise the kernels repack per call."""
         if weight.is_contiguous(memory_format=torch.channels_last) or not _cacheable(weight):
+            return weight
+        x = input.unsqueeze(0) if isinstance(input, Tensor) and input.dim() == 3 else input
+        if not isinstance(x, Tensor) or x.dim() != 4 or conv_memory_format(x, weight) != torch.channels_last:
             return weight
         key = _cache_key(weight)
         cache = self.__dict__.get("_packed_cache")
@@ -187,7 +194,7 @@ class _ConvBnNd(Conv2d):
             )
         scale, shift = self._folded()
         return RF.conv2d(
-            input, self._packed_weight(self.weight), None, self.stride, self.padding, self.dilation, self.groups,
+            input, self._packed_weight(self.weight, input), None, self.stride, self.padding, self.dilation, self.groups,
             padding_mode=self.padding_mode, scale=scale, shift=shift, residual=residual, relu=self._relu,
             allow_tf32=self.allow_tf32, backend=self.backend,
         )
@@ -206,7 +213,8 @@ class _ConvBnNd(Conv2d):
         return None
 
     def _folded(self) -> tuple[Tensor, Tensor]:
-        """Eval BatchNorm (and conv bias) as fp32 (scale, shift), cached until any input changes."""
+        """Eval BatchNorm (and conv bias) as (scale, shift) (float32, or the parameters' dtype
+        where wider, see :func:`resconv.reference.bn_fold`), cached until any input changes."""
         bn = self.bn
         srcs = (self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if not _cacheable(*srcs):

@@ -8,10 +8,16 @@ API, which validates and normalises): ``x`` is 4-D, ``padding`` is
 ``(top, bottom, left, right)`` zero padding, ``stride``/``dilation`` are pairs.
 
 Precision rule (the one the kernels follow): the convolution accumulates in float32
-(float64 for float64 input); the whole epilogue (scale/shift, BatchNorm, residual, ReLU)
-is computed in that precision and the result is rounded once to the input dtype. fp16/bf16
-operands are exactly representable in float32, so upcasting them changes nothing but the
-accumulator. On CUDA, float32 follows ``torch.backends.cudnn.allow_tf32`` like nn.Conv2d.
+(float64 for float64 input, complex64/complex128 for complex input); the whole epilogue
+(scale/shift, BatchNorm, residual, ReLU) is computed in that precision and the result is
+rounded once to the input dtype. fp16/bf16 operands are exactly representable in float32, so
+upcasting them changes nothing but the accumulator. On CUDA, float32 follows
+``torch.backends.cudnn.allow_tf32`` like nn.Conv2d.
+
+Outputs take the memory format torch.nn.functional.conv2d gives for the same input and
+weight (:func:`resconv._conv_args.conv_memory_format`). With no input channels (C == 0) the
+output has no channels either, as torch's (``Tensor[N, 0, P, Q]``); per-channel parameters
+then get zero gradients and the running statistics stay as they are.
 
 For float32 and float64 input the accumulation dtype is the input's and there is no
 intermediate rounding to avoid, so the same computation runs as ATen's fused composites
@@ -25,14 +31,17 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._conv_args import memory_format_of
+from ._conv_args import conv_memory_format, memory_format_of
 
 Tensor = torch.Tensor
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation / epilogue dtype for an input dtype: float64 stays, the rest use float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """Accumulation / epilogue dtype for an input dtype: float64 and complex64/complex128 stay,
+    complex32 uses complex64, the rest float32."""
+    if dtype in (torch.float64, torch.complex64, torch.complex128):
+        return dtype
+    return torch.complex64 if dtype == torch.complex32 else torch.float32
 
 
 def conv_acc(
@@ -53,7 +62,7 @@ def conv_acc(
         dilation ((int, int)): positive.
         groups (int): divides C and K.
     Returns:
-        Tensor[N, K, P, Q] in float32 (float64 for float64 input), x's memory format.
+        Tensor[N, K, P, Q] (Tensor[N, 0, P, Q] when C == 0) in :func:`acc_dtype` of x's dtype.
     """
     dt = acc_dtype(x.dtype)
     xc, wc = x.to(dt), weight.to(dt)
@@ -77,19 +86,23 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, di
     return F.conv2d(F.pad(x, (l, r, t, b)), weight, bias, tuple(stride), 0, tuple(dilation), groups)
 
 
-def _epilogue(y: Tensor, residual: Optional[Tensor], relu: bool, like: Tensor, owned: bool = False) -> Tensor:
-    """Residual, ReLU, one rounding to ``like``'s dtype, and ``like``'s memory format.
+def _epilogue(y: Tensor, residual: Optional[Tensor], relu: bool, dtype: torch.dtype,
+              memory_format: torch.memory_format, owned: bool = False) -> Tensor:
+    """Residual, ReLU, one rounding to ``dtype``, in ``memory_format``.
     ``owned``: y is this function's own intermediate (no caller's tensor, not saved for
     backward), so the add and the ReLU may overwrite it, as torch.nn's ResNet blocks do."""
     if residual is not None:
         y = y.add_(residual.to(y.dtype)) if owned else y + residual.to(y.dtype)
     if relu:
         y = torch.relu_(y) if owned else torch.relu(y)
-    return y.to(like.dtype).contiguous(memory_format=memory_format_of(like))
+    return y.to(dtype).contiguous(memory_format=memory_format)
 
 
-def _channel(v: Tensor, dtype: torch.dtype) -> Tensor:
-    return v.to(dtype).view(1, -1, 1, 1)
+def _channel(v: Tensor, y: Tensor) -> Tensor:
+    """Per-channel v (Tensor[K]) to broadcast over y (Tensor[N, K, P, Q]) in y's dtype. A
+    y without channels (C == 0) takes none of v: v still gets its (zero) gradient."""
+    v = v.to(y.dtype)
+    return (v if y.shape[1] == v.shape[0] else v[: y.shape[1]]).view(1, -1, 1, 1)
 
 
 def conv2d(
@@ -121,24 +134,24 @@ def conv2d(
         groups (int): as in :func:`conv_acc`.
         relu (bool): apply ReLU last.
     Returns:
-        Tensor[N, K, P, Q] in x's dtype.
+        Tensor[N, K, P, Q] in x's dtype and :func:`~resconv._conv_args.conv_memory_format`.
     """
     if _native(x, scale, shift):  # fold the scale into the filters: one conv with bias
         w = weight if scale is None else weight * scale.view(-1, 1, 1, 1)
         y = _conv(x, w, shift, stride, padding, dilation, groups)
-        return _epilogue(y, residual, relu, x, owned=True)
+        return _epilogue(y, residual, relu, x.dtype, conv_memory_format(x, weight), owned=True)
     y = conv_acc(x, weight, stride, padding, dilation, groups)
     if scale is not None:
-        y = y * _channel(scale, y.dtype)
+        y = y * _channel(scale, y)
     if shift is not None:
-        y = y + _channel(shift, y.dtype)
-    return _epilogue(y, residual, relu, x)
+        y = y + _channel(shift, y)
+    return _epilogue(y, residual, relu, x.dtype, conv_memory_format(x, weight))
 
 
 def add_relu(x: Tensor, residual: Tensor, relu: bool = True) -> Tensor:
-    """``out = act(x + residual)`` computed in float32 (float64 for float64), rounded once."""
+    """``out = act(x + residual)`` computed in :func:`acc_dtype`, rounded once, in x's memory format."""
     dt = acc_dtype(x.dtype)
-    return _epilogue(x.to(dt), residual, relu, x)
+    return _epilogue(x.to(dt), residual, relu, x.dtype, memory_format_of(x))
 
 
 def bn_fold(
@@ -153,12 +166,16 @@ def bn_fold(
 
     ``BN(conv + b) = scale * conv + shift`` with ``scale = gamma / sqrt(var + eps)`` and
     ``shift = beta + (b - mean) * scale`` (torch.nn.BatchNorm2d's formula rearranged).
-    Differentiable; computed in float32 (float64 when the statistics are float64).
+    Differentiable; computed in the widest dtype of the arguments, at least float32 (float64
+    stays float64).
 
     Returns:
         (scale, shift), each Tensor[K].
     """
-    dt = torch.float64 if running_var.dtype == torch.float64 else torch.float32
+    dt = torch.float32
+    for t in (bias, bn_weight, bn_bias, running_mean, running_var):
+        if t is not None:
+            dt = torch.promote_types(dt, t.dtype)
     scale = torch.rsqrt(running_var.to(dt) + eps)
     if bn_weight is not None:
         scale = scale * bn_weight.to(dt)
@@ -192,8 +209,8 @@ def combine_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Te
 def batch_moments(y: Tensor, process_group=None) -> tuple[Tensor, Tensor, int]:
     """Per-channel batch mean and biased variance of y (Tensor[N, K, P, Q]), optionally over
     all ranks of ``process_group`` (differentiable all-gather of (count, mean, M2))."""
-    n_local = y.numel() // y.shape[1]
-    if n_local == 0:  # an empty batch has no statistics; its (empty) output needs none
+    n_local = y.shape[0] * y.shape[2] * y.shape[3]
+    if n_local == 0 or y.shape[1] == 0:  # an empty batch (or no channels) has no statistics; its output needs none
         zeros = y.new_zeros(y.shape[1]) + y.sum((0, 2, 3))  # keeps the graph: gradients are zeros
         mean, var = zeros, zeros + 1.0
     else:
@@ -281,7 +298,7 @@ def conv_bn2d_train(
     Returns:
         Tensor[N, K, P, Q] in x's dtype.
     """
-    if process_group is None and y_numel_positive(x, weight) and (running_mean is None) == (running_var is None) \
+    if process_group is None and y_numel_positive(x, weight) and x.shape[1] > 0 and (running_mean is None) == (running_var is None) \
             and _native(x, bias, bn_weight, bn_bias, running_mean, running_var):
         y = _conv(x, weight, bias, stride, padding, dilation, groups)
         # ATen's CPU apply is centred ((y - mean) * invstd) for NCHW only; its channels_last
@@ -289,18 +306,19 @@ def conv_bn2d_train(
         # test_batch_statistics_do_not_cancel), so float32 channels_last is normalised below.
         if x.dtype == torch.float64 or y.is_contiguous():
             z = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps)
-            return _epilogue(z, residual, relu, x, owned=True)
+            return _epilogue(z, residual, relu, x.dtype, conv_memory_format(x, weight), owned=True)
     else:
         y = conv_acc(x, weight, stride, padding, dilation, groups)
         if bias is not None:
-            y = y + _channel(bias, y.dtype)
+            y = y + _channel(bias, y)
     mean, var, count = batch_moments(y, process_group)
-    if count > 0:  # an empty batch leaves the running statistics untouched, as BatchNorm2d
+    # an empty batch, or one without channels (C == 0), leaves the running statistics untouched, as torch
+    if count > 0 and y.shape[1] == weight.shape[0]:
         update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
     invstd = torch.rsqrt(var + eps)
     z = (y - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
     if bn_weight is not None:
-        z = z * _channel(bn_weight, z.dtype)
+        z = z * _channel(bn_weight, z)
     if bn_bias is not None:
-        z = z + _channel(bn_bias, z.dtype)
-    return _epilogue(z, residual, relu, x)
+        z = z + _channel(bn_bias, z)
+    return _epilogue(z, residual, relu, x.dtype, conv_memory_format(x, weight))

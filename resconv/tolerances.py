@@ -51,7 +51,8 @@ GRAD = {k: Tolerance(2 * t.rtol, 2 * t.atol) for k, t in OUTPUT.items()}
 
 
 def precision_key(dtype: torch.dtype, tf32: bool = False) -> str:
-    """'float32', 'tf32', 'float16', 'bfloat16' or 'float64'."""
+    """'float32', 'tf32', 'float16', 'bfloat16' or 'float64' (a complex dtype: its real dtype's)."""
+    dtype = dtype.to_real()
     if dtype == torch.float32 and tf32:
         return "tf32"
     return str(dtype).replace("torch.", "")
@@ -94,13 +95,15 @@ class Comparison:
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> Comparison:
-    """Check ``out`` against the float64 reference ``ref`` under ``tol`` (see module docstring)."""
+    """Check ``out`` against the float64 reference ``ref`` under ``tol`` (see module docstring);
+    complex tensors are compared by the modulus of the error."""
     if tuple(out.shape) != tuple(ref.shape):
         return Comparison(False, float("inf"), float("inf"), float("inf"), f"shape {tuple(out.shape)} != {tuple(ref.shape)}")
     if ref.numel() == 0:
         return Comparison(True, 0.0, 0.0, 0.0)
-    o = out.detach().to(torch.float64).cpu()
-    r = ref.detach().to(torch.float64).cpu()
+    wide = torch.complex128 if (out.is_complex() or ref.is_complex()) else torch.float64
+    o = out.detach().to(wide).cpu()
+    r = ref.detach().to(wide).cpu()
     finite_ref = torch.isfinite(r)
     if not torch.equal(torch.isfinite(o), finite_ref):
         return Comparison(False, float("nan"), float("nan"), float("inf"), "non-finite values where the reference has none (or vice versa)")

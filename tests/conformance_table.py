@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
@@ -131,9 +130,3 @@ def make_input(p: dict, dtype: torch.dtype, fmt: str, device) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 
-
-def expected_format(x: torch.Tensor) -> Optional[torch.memory_format]:
-    """The memory format resconv promises for the output of input x."""
-    from resconv._conv_args import memory_format_of
-
-    return memory_format_of(x) if x.dim() == 4 else None

@@ -11,7 +11,6 @@ custom ops, forward and backward). On a GPU the same tests run the real kernels.
 from __future__ import annotations
 
 import copy
-import os
 import pickle
 
 import pytest

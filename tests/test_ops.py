@@ -26,21 +26,26 @@ OPCHECK_CASES = {
     "fprop_full_epilogue": (
         torch.ops.resconv.triton_conv2d_fprop.default,
         lambda: (_t(2, 8, 6, 5, cl=True), _t(16, 8, 3, 3), _t(16).detach().abs().requires_grad_(), _t(16), _t(2, 16, 6, 5),
-                 [1, 1], [1, 1, 1, 1], [1, 1], 1, True, False),
+                 [1, 1], [1, 1, 1, 1], [1, 1], 1, True, False, True),
     ),
     "fprop_plain_nchw_strided": (
         torch.ops.resconv.triton_conv2d_fprop.default,
-        lambda: (_t(2, 4, 7, 7), _t(8, 2, 3, 2), None, None, None, [2, 1], [0, 1, 1, 0], [1, 2], 2, False, False),
+        lambda: (_t(2, 4, 7, 7), _t(8, 2, 3, 2), None, None, None, [2, 1], [0, 1, 1, 0], [1, 2], 2, False, False, False),
+    ),
+    "fprop_nchw_input_channels_last_output": (  # torch's rule for a channels_last weight
+        torch.ops.resconv.triton_conv2d_fprop.default,
+        lambda: (_t(2, 4, 5, 6), _t(8, 4, 3, 3, cl=True), None, _t(8), _t(2, 8, 5, 6), [1, 1], [1, 1, 1, 1], [1, 1], 1,
+                 True, False, True),
     ),
     "bn_train_residual_relu": (
         torch.ops.resconv.triton_conv2d_bn_train.default,
         lambda: (_t(2, 8, 5, 6, cl=True), _t(16, 8, 3, 3), _t(16), _t(16), _t(16), _t(2, 16, 5, 6),
-                 [1, 1], [1, 1, 1, 1], [1, 1], 1, 1e-5, True, False),
+                 [1, 1], [1, 1, 1, 1], [1, 1], 1, 1e-5, True, False, True),
     ),
     "bn_train_plain": (
         torch.ops.resconv.triton_conv2d_bn_train.default,
         lambda: (_t(3, 4, 6, 6), _t(8, 4, 1, 1), None, None, None, None, [2, 2], [0, 0, 0, 0], [1, 1], 1, 1e-3,
-                 False, False),
+                 False, False, False),
     ),
     "add_relu": (
         torch.ops.resconv.triton_add_relu.default,
@@ -164,7 +169,7 @@ def test_empty_batch_statistics_are_finite_and_running_stats_untouched(backend):
     gamma, beta = torch.rand(8, device=DEV) + 0.5, torch.randn(8, device=DEV)
     if backend == "triton":
         out, y, mean, invstd, var_u = torch.ops.resconv.triton_conv2d_bn_train(
-            x, w, None, gamma, beta, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 1e-5, True, False)
+            x, w, None, gamma, beta, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, 1e-5, True, False, False)
         assert out.shape == y.shape == (0, 8, 5, 5)
         torch.testing.assert_close(mean.cpu(), torch.zeros(8))
         torch.testing.assert_close(var_u.cpu(), torch.ones(8))

@@ -2,12 +2,9 @@
 finite differences (gradcheck)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from resconv import reference as ref
 from conformance_table import CONV_CASES, conv_module, random_bn
@@ -103,10 +100,13 @@ def test_add_relu():
     torch.testing.assert_close(ref.add_relu(x, r, relu=False), x + r, rtol=0, atol=0)
 
 
-def test_reference_keeps_input_memory_format():
+def test_reference_follows_torchs_memory_format_rule():
+    """channels_last output when the input or the weight is channels_last (torch's rule)."""
     x = torch.randn(2, 8, 5, 5, dtype=D).contiguous(memory_format=torch.channels_last)
     w = torch.randn(4, 8, 3, 3, dtype=D)
     out = ref.conv2d(x, w, padding=(1, 1, 1, 1))
-    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     out = ref.conv2d(x.contiguous(), w.contiguous(memory_format=torch.channels_last), padding=(1, 1, 1, 1))
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    out = ref.conv2d(x.contiguous(), w, padding=(1, 1, 1, 1))
     assert out.is_contiguous()

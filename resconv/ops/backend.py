@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .._conv_args import ConvGeometry, memory_format_of
+from .._conv_args import ConvGeometry, conv_memory_format
 from ._shared import Geometry, Kernels
 from .autograd import SyncConvBnTrain
 
@@ -34,11 +34,12 @@ class KernelBackend:
         raise NotImplementedError
 
     def conv2d(self, x, weight, scale, shift, residual, g: ConvGeometry, relu: bool, allow_tf32: bool):
-        return self.kernels.fprop(x, weight, scale, shift, residual, _geom(g), relu, allow_tf32, memory_format_of(x))
+        return self.kernels.fprop(x, weight, scale, shift, residual, _geom(g), relu, allow_tf32,
+                                  conv_memory_format(x, weight))
 
     def conv_bn_train(self, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
                       residual, g: ConvGeometry, relu, allow_tf32, process_group):
-        fmt = memory_format_of(x)
+        fmt = conv_memory_format(x, weight)  # torch's rule for input and weight
         if process_group is not None:
             return SyncConvBnTrain.apply(
                 x, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var, g, eps, momentum,

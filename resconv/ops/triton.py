@@ -9,6 +9,9 @@ Ops (all in the ``resconv`` namespace; their autograd is :mod:`resconv.ops.autog
 * ``triton_conv2d_fprop``: ``act(scale * conv2d(x, W) + shift + residual)`` (eval path).
 * ``triton_conv2d_bn_train``: training-mode conv + BatchNorm (batch statistics) + residual + ReLU,
   returning the batch statistics beside the output.
+
+Both take the output's memory format as their last argument, ``channels_last`` (the caller
+applies torch's rule for input and weight, :func:`resconv._conv_args.conv_memory_format`).
 * ``triton_add_relu``: ``act(x + residual)``.
 * ``triton_bn_update_running_stats_``: in-place running-statistics update (mutation in the
   schema; either buffer may be None).
@@ -42,8 +45,8 @@ def _tk():
     return tk
 
 
-def _empty_out(x: Tensor, shape) -> Tensor:
-    return empty_like_format(shape, x, memory_format_of(x))
+def _fmt(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 # --------------------------------------------------------------------------------------
@@ -62,18 +65,20 @@ def conv2d_fprop(
     groups: int,
     relu: bool,
     allow_tf32: bool,
+    channels_last: bool,
 ) -> Tensor:
     shape = conv_out_shape(x.shape, weight.shape, stride, padding, dilation)
     return _tk().conv2d_fprop(
         x, weight, stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), groups=groups,
         out_shape=shape, scale=scale, shift=shift, residual=residual, relu=relu, allow_tf32=allow_tf32,
-        out_memory_format=memory_format_of(x),
+        out_memory_format=_fmt(channels_last),
     )
 
 
 @conv2d_fprop.register_fake
-def _(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32):
-    return _empty_out(x, conv_out_shape(x.shape, weight.shape, stride, padding, dilation))
+def _(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32, channels_last):
+    shape = conv_out_shape(x.shape, weight.shape, stride, padding, dilation)
+    return empty_like_format(shape, x, _fmt(channels_last))
 
 
 # --------------------------------------------------------------------------------------
@@ -94,20 +99,23 @@ def conv2d_bn_train(
     eps: float,
     relu: bool,
     allow_tf32: bool,
+    channels_last: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, y, mean, invstd, var_unbiased): y = conv + bias as stored for backward."""
     out, y, mean, invstd, var_unbiased, _ = autograd.bn_train_forward(
         KERNELS, x, weight, bias, bn_weight, bn_bias, residual, Geometry.of(stride, padding, dilation, groups), eps,
-        relu, allow_tf32, memory_format_of(x),
+        relu, allow_tf32, _fmt(channels_last),
     )
     return out, y, mean, invstd, var_unbiased
 
 
 @conv2d_bn_train.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu, allow_tf32):
+def _(x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu, allow_tf32,
+      channels_last):
     shape = conv_out_shape(x.shape, weight.shape, stride, padding, dilation)
     stat = x.new_empty((shape[1],), dtype=torch.float32)
-    return _empty_out(x, shape), _empty_out(x, shape), stat, stat.clone(), stat.clone()
+    out = empty_like_format(shape, x, _fmt(channels_last))
+    return out, torch.empty_like(out), stat, stat.clone(), stat.clone()
 
 
 @custom_op("resconv::triton_bn_update_running_stats_", mutates_args=("running_mean", "running_var"))
@@ -133,7 +141,7 @@ def add_relu(x: Tensor, residual: Tensor, relu: bool) -> Tensor:
 
 @add_relu.register_fake
 def _(x, residual, relu):
-    return _empty_out(x, x.shape)
+    return empty_like_format(x.shape, x, memory_format_of(x))
 
 
 # --------------------------------------------------------------------------------------
@@ -206,11 +214,12 @@ class TritonKernels(Kernels):
         self.fused_conv_backward = fused_conv_backward
 
     def fprop(self, x, weight, scale, shift, residual, geom, relu, allow_tf32, out_format):
-        # The op's output follows x's memory format (out_format is that by construction).
-        return conv2d_fprop(x, weight, scale, shift, residual, *geom, relu, allow_tf32)
+        return conv2d_fprop(x, weight, scale, shift, residual, *geom, relu, allow_tf32,
+                            out_format == torch.channels_last)
 
     def bn_train(self, x, weight, bias, bn_weight, bn_bias, residual, geom, eps, relu, allow_tf32, out_format):
-        return conv2d_bn_train(x, weight, bias, bn_weight, bn_bias, residual, *geom, eps, relu, allow_tf32)
+        return conv2d_bn_train(x, weight, bias, bn_weight, bn_bias, residual, *geom, eps, relu, allow_tf32,
+                               out_format == torch.channels_last)
 
     def add_relu(self, x, residual, relu):
         return add_relu(x, residual, relu)
