@@ -170,8 +170,9 @@ def conv2d(
     x, residual, g, unbatched = _prepare(input, weight, bias, stride, padding, dilation, groups, padding_mode, residual)
     A.check_channel_vector(scale, "scale", g.K, x.device)
     A.check_channel_vector(shift, "shift", g.K, x.device)
-    if bias is not None:  # fold the bias into the epilogue: scale*(acc + b) + shift
-        shift = bias.float() * (scale.float() if scale is not None else 1.0) + (shift.float() if shift is not None else 0.0)
+    if bias is not None:  # fold the bias into the epilogue: scale*(acc + b) + shift, in the epilogue's precision
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 biases must stay float64
+        shift = bias.to(dt) * (scale.to(dt) if scale is not None else 1.0) + (shift.to(dt) if shift is not None else 0.0)
     be = select_backend(backend, x)
     out = be.conv2d(x, weight, scale, shift, residual, g, relu, _tf32(allow_tf32))
     return out.squeeze(0) if unbatched else out
