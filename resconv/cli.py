@@ -15,6 +15,9 @@ SUBCOMMANDS = (
     "resconv.train",
     "resconv.bench.cli",
     "resconv.build",
+    "resconv.summary_cli",
+    "resconv.demo",
+    "resconv.experiments",
 )
 
 
