@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from . import _cmd
+import resconv._cmd as _cmd
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
