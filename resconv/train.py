@@ -30,6 +30,9 @@ import os
 import pickle
 import sys
 import time
+from pathlib import Path
+
+from .recipes import RECIPES
 
 DIGITS_ACCURACY_TARGET = 0.95
 MAX_ACCURACY_GAP = 0.02  # |acc_resconv - acc_torch| allowed by --compare
@@ -45,8 +48,15 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="autocast dtype for the forward/backward (default float32, IEEE)")
     p.add_argument("--epochs", type=int, default=None, help="default: 3 (digits), 10 (CIFAR-10)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 64; with --recipe, the recipe's (128)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of the one-cycle schedule (default 0.05); with --recipe, the recipe's (0.1)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="a published recipe instead of the quick one-cycle run (resconv/recipes.py): cifar10 = "
+                        "ResNet-18's CIFAR-10 recipe, crop+flip, batch 128, SGD lr 0.1, cosine, 200 epochs")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="folder for the first-layer filter and feature-map PNGs (default: "
+                        "./resconv-results/train/<date>/)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--compare", action="store_true", help="also train torch.nn's ResNet-18 from the same start")
@@ -197,6 +207,11 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_images is not None and args.eval_images < 1:
         print(f"resconv train: --eval-images must be at least 1, got {args.eval_images}", file=sys.stderr)
         return 2
+    from .recipes import fill_defaults, run_recipe
+
+    if args.recipe:
+        return run_recipe(args, device)
+    fill_defaults(args)
     if args.data:
         xtr, ytr, xte, yte = load_cifar10(args.data)
         if args.image_size != 32:
@@ -251,7 +266,19 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     elapsed = time.perf_counter() - t0
     acc = {name: tr.accuracy(xte, yte) for name, tr in runs.items()}
+    _write_figures(args, model, xte[0], dataset)
     return _report(args, runs, acc, elapsed, dataset, dtype, T, fp64.losses if args.compare else None)
+
+
+def _write_figures(args, model, image, dataset) -> None:
+    """The first-layer filters and one test image's feature maps (resconv.train_figures)."""
+    from .recipes import default_out
+    from .train_figures import write_training_figures
+
+    out = Path(args.out) if args.out else default_out()
+    shown = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12)
+    for f in write_training_figures(model, image, shown, out, f"ResNet-18, {dataset}, one-cycle run"):
+        print(f"wrote {out / f}")
 
 
 def _report(args, runs, acc, elapsed, dataset, dtype, T, losses64) -> int:

@@ -34,10 +34,12 @@ LAYERS = [
     ("resconv.models", 5), ("resconv.convert", 5), ("resconv.summary", 5),
     ("resconv.verify", 6), ("resconv.train", 6), ("resconv.bench", 6),
     ("resconv._cmd", 6), ("resconv.summary_cli", 6), ("resconv.demo", 6), ("resconv.experiments", 6),
+    ("resconv.recipes", 6), ("resconv.train_figures", 6), ("resconv.data", 6),
     ("resconv.cli", 7), ("resconv.__main__", 7), ("resconv", 8),
 ]
 APPS = ("resconv.verify", "resconv.train", "resconv.bench", "resconv.cli", "resconv.__main__", "resconv._cmd",
-        "resconv.summary_cli", "resconv.demo", "resconv.experiments")
+        "resconv.summary_cli", "resconv.demo", "resconv.experiments", "resconv.recipes", "resconv.train_figures",
+        "resconv.data")
 
 
 def _modules() -> dict[str, Path]:
