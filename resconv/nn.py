@@ -96,11 +96,8 @@ class ConvReLU2d(Conv2d):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv: expected a torch.nn.Conv2d, got {type(conv).__name__}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
-                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
-            setattr(self, name, getattr(conv, name))
+        self = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                   conv.groups, conv.bias is not None, conv.padding_mode, device="meta")  # meta: no storage
         self.weight = conv.weight
         self.register_parameter("bias", conv.bias)
         self.backend = getattr(conv, "backend", None)

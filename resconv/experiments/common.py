@@ -12,6 +12,8 @@ def add_data_options(p, image_size: int) -> None:
                    help=f"input side in pixels (default: {image_size} for digits, whose originals are 8x8; "
                         "32 for CIFAR-10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data split and the batch order")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="use only the first N training and N test images (smoke runs; default: all)")
 
 
 def load(args, default_size: int):
@@ -30,14 +32,44 @@ def load(args, default_size: int):
     else:
         size, name = args.image_size or default_size, "digits"
         xtr, ytr, xte, yte = data.digits(args.seed, size)
+    if args.limit is not None:
+        xtr, ytr, xte, yte = xtr[: args.limit], ytr[: args.limit], xte[: args.limit], yte[: args.limit]
     mean, std = data.channel_stats(xtr)
     return data.normalise(xtr, mean, std), ytr, data.normalise(xte, mean, std), yte, name
 
 
-def check_size(args, minimum: int = 4):
-    if args.image_size is not None and args.image_size < minimum:
-        return _cmd.error(args, f"--image-size must be at least {minimum}, got {args.image_size}")
-    return None
+def start(args, at_least_one=(), positive=(), batch_option=True):
+    """Check the options, resolve the device and backend, load the data.
+
+    Args:
+        at_least_one: option names (``--steps``...) whose values must be >= 1.
+        positive: option names whose values must be > 0.
+        batch_option: ``--batch-size`` must not exceed the training images.
+    Returns:
+        ((x_train, y_train, x_test, y_test, dataset name), device, None), or (None, None, 2)
+        after printing the error line.
+    """
+    def value(opt):
+        return getattr(args, opt[2:].replace("-", "_"))
+
+    checks = [(opt, value(opt) >= 1, "at least 1") for opt in at_least_one]
+    checks += [(opt, value(opt) > 0, "positive") for opt in positive]
+    checks += [("--image-size", args.image_size is None or args.image_size >= 4, "at least 4"),
+               ("--limit", args.limit is None or args.limit >= 2, "at least 2")]
+    for opt, ok, what in checks:
+        if not ok:
+            return None, None, _cmd.error(args, f"{opt} must be {what}, got {value(opt)}")
+    device, err = _cmd.setup(args)
+    if err:
+        return None, None, err
+    try:
+        loaded = load(args, 8)
+    except FileNotFoundError as e:
+        return None, None, _cmd.error(args, str(e))
+    if batch_option and args.batch_size > len(loaded[1]):
+        return None, None, _cmd.error(
+            args, f"--batch-size {args.batch_size}: more than the {len(loaded[1])} training images")
+    return loaded, device, None
 
 
 def sgd(model, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4):

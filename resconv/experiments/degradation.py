@@ -39,27 +39,14 @@ def run(args) -> int:
         return _cmd.error(args, f"--depths: {bad[0]} is not of the form 6n + 2 (20, 32, 44, 56, 110)")
     if args.full:
         args.steps, args.batch_size, args.image_size = FULL["steps"], FULL["batch_size"], args.image_size or 32
-    for opt, v in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--evals", args.evals)):
-        if v < 1:
-            return _cmd.error(args, f"{opt} must be at least 1, got {v}")
-    if not args.lr > 0:
-        return _cmd.error(args, f"--lr must be positive, got {args.lr}")
-    err = common.check_size(args)
+    data, device, err = common.start(args, ("--steps", "--batch-size", "--evals"), ("--lr",))
     if err:
         return err
-    device, err = _cmd.setup(args)
-    if err:
-        return err
+    xtr, ytr, xte, yte, dataset = data
     import torch
 
     from resconv.models import cifar_resnet
 
-    try:
-        xtr, ytr, xte, yte, dataset = common.load(args, 8)
-    except FileNotFoundError as e:
-        return _cmd.error(args, str(e))
-    if args.batch_size > len(ytr):
-        return _cmd.error(args, f"--batch-size {args.batch_size}: more than the {len(ytr)} training images")
     order = common.batches(len(ytr), args.batch_size, args.steps, args.seed)
     checkpoints = sorted({round(i * args.steps / args.evals) for i in range(args.evals + 1)})
     milestones = FULL["milestones"] if args.full else ()

@@ -44,23 +44,14 @@ def grad_norms(model, x, y) -> list[float]:
 def run(args) -> int:
     if args.depth < 4 or args.depth % 2:
         return _cmd.error(args, f"--depth must be even and at least 4, got {args.depth}")
-    for opt, v in (("--width", args.width), ("--batch-size", args.batch_size)):
-        if v < 1:
-            return _cmd.error(args, f"{opt} must be at least 1, got {v}")
-    err = common.check_size(args)
+    data, device, err = common.start(args, ("--width", "--batch-size"), batch_option=False)
     if err:
         return err
-    device, err = _cmd.setup(args)
-    if err:
-        return err
+    xtr, ytr, _, _, dataset = data
     import torch
 
     from resconv.models import plain_net, residual_net
 
-    try:
-        xtr, ytr, _, _, dataset = common.load(args, 8)
-    except FileNotFoundError as e:
-        return _cmd.error(args, str(e))
     gen = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(ytr), generator=gen)[: args.batch_size]
     x, y = xtr[idx].to(device), ytr[idx].to(device)

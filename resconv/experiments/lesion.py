@@ -4,7 +4,8 @@ Wilber and Belongie 2016, "Residual Networks Behave Like Ensembles of Relatively
 Networks").
 
 Both nets have ResNet-18's CIFAR layout (3x3 stem, stages of 64/128/256/512 filters, two
-blocks each; :func:`resconv.models.resnet18` and :func:`resconv.models.plain18`) and are
+blocks each; :class:`resconv.models.StagedNet`, the plain one is :func:`resconv.models.plain18`;
+``--width`` scales the filters for smoke runs) and are
 trained from the same seed on the same batches (SGD, momentum 0.9, weight decay 5e-4, cosine
 learning rate). Deleting a block replaces it by its shortcut: the identity, or for a
 downsampling block of the ResNet its 1x1 projection; a plain block that changes the shape has
@@ -21,9 +22,10 @@ from . import common
 def add_parser(exps) -> None:
     p = exps.add_parser("lesion", help="test accuracy after deleting each block of a trained ResNet-18 / plain-18",
                         description=__doc__.split("\n\n")[0], formatter_class=_cmd.formatter)
-    p.add_argument("--epochs", type=int, default=4, help="training epochs of each net")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs of each net")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine annealing to 0)")
+    p.add_argument("--width", type=int, default=64, help="filters of the first stage (then 2x, 4x, 8x)")
     p.add_argument("--full", action="store_true", help="30 epochs of batch 128 at 32x32 (a GPU's work)")
     common.add_data_options(p, image_size=8)
     _cmd.add_common(p, "experiment lesion")
@@ -74,33 +76,21 @@ def lesion(model, x, y, device) -> list[dict]:
 def run(args) -> int:
     if args.full:
         args.epochs, args.batch_size, args.image_size = 30, 128, args.image_size or 32
-    for opt, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
-        if v < 1:
-            return _cmd.error(args, f"{opt} must be at least 1, got {v}")
-    if not args.lr > 0:
-        return _cmd.error(args, f"--lr must be positive, got {args.lr}")
-    err = common.check_size(args)
+    data, device, err = common.start(args, ("--epochs", "--batch-size", "--width"), ("--lr",))
     if err:
         return err
-    device, err = _cmd.setup(args)
-    if err:
-        return err
+    xtr, ytr, xte, yte, dataset = data
     import torch
 
-    from resconv.models import plain18, resnet18
+    from resconv.models import StagedNet
 
-    try:
-        xtr, ytr, xte, yte, dataset = common.load(args, 8)
-    except FileNotFoundError as e:
-        return _cmd.error(args, str(e))
-    if args.batch_size > len(ytr):
-        return _cmd.error(args, f"--batch-size {args.batch_size}: more than the {len(ytr)} training images")
     steps = args.epochs * (len(ytr) // args.batch_size)
     order = common.batches(len(ytr), args.batch_size, steps, args.seed)
     results = {}
-    for name, build in (("ResNet-18", lambda: resnet18(10, "cifar")), ("plain-18", lambda: plain18(10))):
+    widths = tuple(args.width * m for m in (1, 2, 4, 8))
+    for name, block in (("ResNet-18", "residual"), ("plain-18", "plain")):
         torch.manual_seed(args.seed)
-        model = _cmd.set_backend(build(), args).to(device)
+        model = _cmd.set_backend(StagedNet(block, widths, (2, 2, 2, 2), init="kaiming"), args).to(device)
         opt = common.sgd(model, args.lr, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         bar = _cmd.progress(steps, f"train {name}")
@@ -116,8 +106,8 @@ def run(args) -> int:
           f"test accuracy with one block deleted")
     print(f"{'block':<10} " + " ".join(f"{n:>20}" for n in results))
     print(f"{'(none)':<10} " + " ".join(f"{1 - r['test_error']:20.2%}" for r in results.values()))
-    for k, (bname, _, _) in enumerate(blocks(resnet18(10, "cifar"))):
-        cells = []
+    for k, les0 in enumerate(results["ResNet-18"]["lesions"]):
+        bname, cells = les0["block"], []
         for r in results.values():
             les = r["lesions"][k]
             cells.append("cannot delete" if les["error"] is None else f"{1 - les['error']:.2%} ({les['deleted']})")
