@@ -160,7 +160,7 @@ def run_recipe(args, device) -> int:
           f"epoch: " + ", ".join(f"{a:.2%}" for a in history["test_accuracy"]))
     out = Path(args.out) if getattr(args, "out", None) else default_out()
     files = write_training_figures(model, test_tf(xte[:1])[0], xte[0], out,
-                                   f"ResNet-18, {dataset}, recipe {recipe.name}, {len(history['test_accuracy'])} epochs")
+                                   f"ResNet-18, {dataset}, recipe {recipe.name}, epochs: {len(history['test_accuracy'])}")
     result = dict(dataset=dataset, recipe=asdict(recipe), flip=flip, mean=list(mean), std=list(std),
                   args={k: v for k, v in vars(args).items() if k != "func"}, steps=step, seconds=elapsed,
                   final_test_accuracy=acc, **history)

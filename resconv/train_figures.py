@@ -82,6 +82,8 @@ def plot_feature_maps(image, maps, path: Path, title: str, channels: int = 8) ->
         for c, k in enumerate(top.tolist()):
             a = axes[r, c + 1]
             a.imshow(fmap[k].numpy(), cmap="viridis", interpolation="nearest")
+            if fmap[k].numel() == 1:  # one unit: a colour alone says nothing
+                a.text(0, 0, f"{fmap[k].item():.2f}", ha="center", va="center", color="white", fontsize=8)
             a.set_xticks([])
             a.set_yticks([])
             if c == 0:
