@@ -1,104 +1,68 @@
-"""What the result-writing commands (summary, demo, experiment) share: the ``--out``,
-``--device`` and ``--backend`` options and their checks, the output folder, JSON, the
-progress bar.
-
-The checks run before torch or any kernel is imported: on a CPU, ``--backend triton`` runs
-the Triton kernels in Triton's interpreter, which ``TRITON_INTERPRET=1`` must select before
-they are first imported. A request that cannot be served is refused (``error: ...``, exit
-code 2); nothing falls back silently.
-"""
+"""What the result-writing commands (summary, demo, experiment) add to :mod:`resconv._app`:
+their common options, the device and backend resolved and printed once, the output folder,
+JSON and the progress bar. Problems raise :class:`resconv._app.UsageError` (one ``error:``
+line, exit code 2)."""
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+from ._app import HelpFormatter, UsageError, add_device_backend, add_out, default_out, prepare_device, require, \
+    requested_backend, resolve_backend
+
+__all__ = ["HelpFormatter", "UsageError", "add_common", "setup", "set_backend", "out_dir", "write_json", "run_info",
+           "progress", "finish"]
 
 
-def add_common(p: argparse.ArgumentParser, command: str) -> None:
-    """``--out``, ``--device``, ``--backend`` for ``resconv <command>``."""
-    p.add_argument("--out", metavar="DIR", default=None,
-                   help=f"folder for the results (default: ./resconv-results/{command.replace(' ', '-')}/<date>/)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to compute (auto: cuda when a GPU is usable, else cpu)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="resconv backend (auto: cuda, then triton, then torch, the first that serves the device)")
+def add_common(p, command: str) -> None:
+    """``--out``, ``--device``, ``--backend`` for ``resconv <command>`` (e.g. 'demo filters')."""
+    add_out(p, "/".join(command.split()))
+    add_device_backend(p)
     p.set_defaults(command_name=command)
 
 
-def formatter(prog):
-    """--help shows every default."""
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=36)
-
-
-def error(args, message: str) -> int:
-    """Print ``resconv <command>: error: <message>`` (one line) and return exit code 2."""
-    print(f"resconv {args.command_name}: error: {message}", file=sys.stderr)
-    return 2
-
-
-def setup(args):
-    """Resolve ``--device`` and check ``--backend`` for it. Returns (torch.device, None), or
-    (None, 2) after printing the error."""
-    import ctypes.util
-
-    device = args.device
-    if device == "auto":
-        device = "cpu" if ctypes.util.find_library("cuda") is None else "cuda"
-    if device == "cpu" and args.backend == "triton" and "TRITON_INTERPRET" not in os.environ:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
+def setup(args, dtype: str = "float32", needs=("matplotlib",)):
+    """Check the optional dependencies, resolve ``--device`` and ``--backend`` for tensors of
+    ``dtype`` (a torch dtype's name) and print what they resolved to. Returns (torch.device,
+    backend name)."""
+    require(*needs, what=f"resconv {args.command_name}")
+    device = prepare_device(args.device, triton_may_run=requested_backend(args.backend)[0] == "triton")
     import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
-        if args.device == "cuda":
-            return None, error(args, "--device cuda: no CUDA GPU is usable here (torch.cuda.is_available() is False)")
-        device = "cpu"
-    if args.backend != "auto":
-        import resconv.functional as RF
-
-        why = RF.unavailable_reason(args.backend, device, torch.float32)
-        if why is not None:
-            return None, error(args, f"--backend {args.backend}: backend {args.backend!r} cannot run on {device}: {why}")
-    return torch.device(device), None
+    backend, line = resolve_backend(args.backend, device, getattr(torch, dtype))
+    print(f"resconv {args.command_name}: device={device}, {line}")
+    return torch.device(device), backend
 
 
-def backend_name(args):
-    """The ``backend`` attribute for resconv modules: None for auto."""
-    return None if args.backend == "auto" else args.backend
-
-
-def set_backend(model, args):
-    """Give every resconv module of ``model`` the chosen backend; returns ``model``."""
+def set_backend(model, backend: str):
+    """Give every resconv module of ``model`` the resolved backend; returns ``model``."""
     for m in model.modules():
         if hasattr(m, "backend"):
-            m.backend = backend_name(args)
+            m.backend = backend
     return model
 
 
 def out_dir(args) -> Path:
     """The results folder (created): ``--out``, else ./resconv-results/<command>/<date>/."""
-    path = Path(args.out) if args.out else (Path("resconv-results") / args.command_name.replace(" ", "-")
-                                            / datetime.date.today().isoformat())
+    path = Path(args.out) if args.out else default_out(*args.command_name.split())
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def run_info(args, device) -> dict:
+def run_info(args, device, backend) -> dict:
     """The run's settings for its JSON: the arguments and where it ran."""
+    import datetime
     import platform
 
     import torch
 
     return dict(args={k: v for k, v in vars(args).items() if k not in ("func", "command_name")},
-                device=str(device), torch=torch.__version__, machine=platform.machine(),
+                device=str(device), backend=backend, torch=torch.__version__, machine=platform.machine(),
                 threads=torch.get_num_threads(), date=datetime.date.today().isoformat())
 
 

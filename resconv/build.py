@@ -5,7 +5,7 @@ Three ways to get it:
 * just in time: the first call that needs it on a CUDA tensor compiles it with
   ``torch.utils.cpp_extension.load`` (ninja, cached under ``~/.cache/resconv``; a message
   says it is compiling and for which architectures);
-* ``resconv build``: the same compilation, on demand (no GPU needed);
+* ``resconv build`` (:mod:`resconv.build_cli`): the same compilation, on demand (no GPU needed);
 * ahead of time: ``RESCONV_BUILD_CUDA=1 pip install --no-build-isolation .`` (setup.py
   calls :func:`setup_kwargs`).
 
@@ -22,15 +22,16 @@ setup.py can load it as a plain file without importing the package.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Optional
 
+LOG = logging.getLogger("resconv")
 EXT_NAME = "resconv_C"  # JIT module name (the ahead-of-time build is resconv._C)
 DEFAULT_ARCHS = ("8.0", "9.0")
 MIN_ARCH = (8, 0)  # cp.async and bf16/tf32 mma.sync
@@ -166,12 +167,23 @@ def build_flags(archs: list[str], ptxas_verbose: bool = False) -> dict[str, list
     return {"cxx": cxx, "nvcc": nvcc}
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found" warning:
+    building without a GPU is what resconv's build is for."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(old)
+    return cpp_extension
+
+
 def _use_cuda_home(cuda_home: str) -> None:
     """Point torch.utils.cpp_extension at the toolkit found here (torch guesses from the nvcc
     on PATH, which can be a wrapper outside the toolkit)."""
-    from torch.utils import cpp_extension
-
-    cpp_extension.CUDA_HOME = cuda_home
+    _cpp_extension().CUDA_HOME = cuda_home
 
 
 def default_build_dir(archs: list[str], ptxas_verbose: bool = False) -> Path:
@@ -208,8 +220,7 @@ def jit_build(archs: Optional[list[str]] = None, *, build_dir: Optional[Path] = 
     problem = toolchain_problem()
     if problem is not None:
         raise RuntimeError(problem)
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     _use_cuda_home(find_cuda_home())  # type: ignore[arg-type]
     archs = parse_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST")) if archs is None else archs
     build_dir = Path(build_dir) if build_dir is not None else default_build_dir(archs, ptxas_verbose)
@@ -220,12 +231,8 @@ def jit_build(archs: Optional[list[str]] = None, *, build_dir: Optional[Path] = 
     srcs = source_files()
     fresh = _cached_build_is_fresh(build_dir, srcs)
     action = "loading the cached" if fresh else "compiling the"
-    print(
-        f"resconv: {action} CUDA C++ extension for {arch_names(archs)} in {build_dir}"
-        + ("" if fresh else " (once; this takes a few minutes)"),
-        file=sys.stderr,
-        flush=True,
-    )
+    LOG.log(logging.DEBUG if fresh else logging.WARNING, "%s CUDA C++ extension resconv._C for %s in %s%s", action,
+            arch_names(archs), build_dir, "" if fresh else " (once; this takes a few minutes)")
     flags = build_flags(archs, ptxas_verbose)
     return cpp_extension.load(
         name=EXT_NAME,
@@ -297,8 +304,8 @@ def setup_kwargs() -> dict:
     problem = toolchain_problem()
     if problem is not None:
         raise RuntimeError(f"RESCONV_BUILD_CUDA=1: cannot build the CUDA extension: {problem}")
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-
+    cpp_extension = _cpp_extension()
+    BuildExtension, CUDAExtension = cpp_extension.BuildExtension, cpp_extension.CUDAExtension
     _use_cuda_home(find_cuda_home())  # type: ignore[arg-type]
     archs = parse_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
     csrc = csrc_dir()
@@ -311,42 +318,3 @@ def setup_kwargs() -> dict:
         extra_compile_args=build_flags(archs),
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
-
-
-# ------------------------------------------------------------------------------------------
-# `resconv build`
-# ------------------------------------------------------------------------------------------
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "build",
-        help="compile the CUDA C++ extension now (no GPU needed)",
-        description="Compile resconv's CUDA C++ extension just in time into the cache (what the first "
-        "use on a CUDA tensor would do), and load it. Needs a CUDA build of PyTorch and a CUDA toolkit "
-        "(CUDA_HOME); no GPU.",
-    )
-    p.add_argument("--arch", default=None,
-                   help="architectures, as TORCH_CUDA_ARCH_LIST (default: $TORCH_CUDA_ARCH_LIST, else '8.0;9.0')")
-    p.add_argument("--build-dir", type=Path, default=None, help="build folder (default: $RESCONV_BUILD_DIR or the cache)")
-    p.add_argument("--force", action="store_true", help="recompile everything")
-    p.add_argument("--verbose", action="store_true", help="show the compiler commands")
-    p.add_argument("--ptxas-verbose", action="store_true",
-                   help="print registers, shared memory and spills per kernel (separate build folder)")
-    p.set_defaults(func=_run_build)
-
-
-def _run_build(args) -> int:
-    try:
-        archs = parse_arch_list(args.arch if args.arch is not None else os.environ.get("TORCH_CUDA_ARCH_LIST"))
-    except ValueError as e:
-        print(f"resconv build: {e}", file=sys.stderr)
-        return 2
-    t0 = time.perf_counter()
-    try:
-        mod = jit_build(archs, build_dir=args.build_dir, force=args.force, verbose=args.verbose,
-                        ptxas_verbose=args.ptxas_verbose)
-    except Exception as e:
-        print(f"resconv build: FAILED: {e}", file=sys.stderr)
-        return 1
-    print(f"resconv build: ok in {time.perf_counter() - t0:.1f} s: {mod.__file__} "
-          f"(nvcc targets {mod.compiled_arch_list()})")
-    return 0

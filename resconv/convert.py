@@ -105,7 +105,14 @@ def convert(model: nn.Module, *, return_report: bool = False):
         return_report (bool): also return a :class:`ConvertReport`.
     Returns:
         ``model`` (the same object), or ``(model, report)``.
+    Raises:
+        TypeError: ``model`` is not an nn.Module (e.g. a model's name: build the model first,
+            ``torchvision.models.resnet18()``).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module to convert in place, got {type(model).__name__} "
+                        f"{model!r:.60}" + (" (a name: build the model first, e.g. torchvision.models.resnet18())"
+                                            if isinstance(model, str) else ""))
     report = ConvertReport()
     _convert(model, "", report)
     return (model, report) if return_report else model
@@ -178,7 +185,13 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, report: ConvertReport) 
 
 def revert(model: nn.Module) -> nn.Module:
     """Undo :func:`convert` in place: torch.nn modules (and torchvision blocks) back, sharing
-    the current Parameters and buffers. Returns ``model``."""
+    the current Parameters and buffers. Returns ``model``.
+
+    Raises:
+        TypeError: ``model`` is not an nn.Module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     _revert(model)
     return model
 

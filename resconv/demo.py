@@ -13,6 +13,7 @@ Like torch.nn.Conv2d, resconv computes cross-correlation (the kernel is not flip
 """
 from __future__ import annotations
 
+import resconv._app as _app
 import resconv._cmd as _cmd
 
 # The textbook kernels (Gonzalez & Woods, Digital Image Processing, ch. 3). Sobel-x responds to
@@ -35,28 +36,28 @@ LEARN_HELP = ("Gradient descent through resconv.nn.Conv2d's autograd fits a rand
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="what a convolution does: classic filters, learning a filter",
-                       description=__doc__.split("\n\n")[0] + " (see the subcommands)", formatter_class=_cmd.formatter)
+                       description=__doc__.split("\n\n")[0] + " (see the subcommands)", formatter_class=_cmd.HelpFormatter)
     demos = p.add_subparsers(dest="demo", metavar="DEMO", required=True)
 
     f = demos.add_parser("filters", help="Sobel, blur, sharpen and 2x2 pooling on a photo, as one PNG grid",
-                         description=FILTERS_HELP, formatter_class=_cmd.formatter)
+                         description=FILTERS_HELP, formatter_class=_cmd.HelpFormatter)
     f.add_argument("--photo", default="camera", help="scikit-image photo (camera, astronaut, coffee, chelsea, ...)")
-    f.add_argument("--size", type=int, default=256, help="the photo is resized to SIZE x SIZE (grey)")
+    f.add_argument("--size", type=_app.positive_int, default=256, help="the photo is resized to SIZE x SIZE (grey)")
     _cmd.add_common(f, "demo filters")
     f.set_defaults(func=run_filters)
 
     g = demos.add_parser("learn-filter", help="fit a random 3x3 kernel to a target filter by gradient descent",
-                         description=LEARN_HELP, formatter_class=_cmd.formatter)
+                         description=LEARN_HELP, formatter_class=_cmd.HelpFormatter)
     g.add_argument("--target", choices=tuple(KERNELS), default="sobel-x", help="the filter to recover")
     g.add_argument("--photo", default="camera", help="scikit-image photo (grey)")
-    g.add_argument("--size", type=int, default=32,
+    g.add_argument("--size", type=_app.positive_int, default=32,
                    help="the photo subsampled to SIZE x SIZE (every k-th pixel, no smoothing: its sharp detail makes "
                         "the fit well conditioned; a smooth patch is not)")
     g.add_argument("--dtype", choices=("float64", "float32"), default=None,
                    help="default: float64 with the torch backend (auto on a CPU), float32 with triton/cuda "
                         "(float32 stops near 1e-5: the fit's condition number times float32's rounding)")
-    g.add_argument("--steps", type=int, default=2000, help="gradient-descent steps")
-    g.add_argument("--lr", type=float, default=0.3, help="learning rate (plain SGD)")
+    g.add_argument("--steps", type=_app.positive_int, default=2000, help="gradient-descent steps")
+    g.add_argument("--lr", type=_app.positive_float, default=0.3, help="learning rate (plain SGD)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random initial kernel")
     _cmd.add_common(g, "demo learn-filter")
     g.set_defaults(func=run_learn_filter)
@@ -99,10 +100,8 @@ def average_pool_conv():
 
 def run_filters(args) -> int:
     if args.size < 4:
-        return _cmd.error(args, f"--size must be at least 4, got {args.size}")
-    device, err = _cmd.setup(args)
-    if err:
-        return err
+        raise _cmd.UsageError(f"--size: expected at least 4 (pixels), got {args.size}")
+    device, backend = _cmd.setup(args, needs=("matplotlib", "skimage"))
     import torch
     import torch.nn.functional as F
 
@@ -111,10 +110,10 @@ def run_filters(args) -> int:
     try:
         x = photo(args.photo, args.size, grey=True)[None].to(device)  # [1, 1, S, S]
     except ValueError as e:
-        return _cmd.error(args, f"--photo {args.photo}: {e}")
+        raise _cmd.UsageError(f"--photo {args.photo}: {e}") from None
     names = list(KERNELS)
-    bank = _cmd.set_backend(filter_bank(names), args).to(device)
-    avg = _cmd.set_backend(average_pool_conv(), args).to(device)
+    bank = _cmd.set_backend(filter_bank(names), backend).to(device)
+    avg = _cmd.set_backend(average_pool_conv(), backend).to(device)
     with torch.no_grad():
         filtered = bank(x)[0]  # [4, S, S]
         pooled_avg = avg(x)[0, 0]
@@ -134,7 +133,7 @@ def run_filters(args) -> int:
     _plot_filters(panels, out / "filters.png", f"{args.photo}, {args.size}x{args.size}, resconv.nn.Conv2d "
                                                f"(backend {args.backend}, {device})")
     _cmd.write_json(out / "filters.json", dict(photo=args.photo, size=args.size, panels=rows,
-                                               avg_pool_conv_max_abs_diff=avg_err, run=_cmd.run_info(args, device)))
+                                               avg_pool_conv_max_abs_diff=avg_err, run=_cmd.run_info(args, device, backend)))
     _cmd.finish(out, ["filters.png", "filters.json"])
     return 0
 
@@ -212,14 +211,14 @@ def learn_filter(x, target_kernel, steps: int, lr: float, seed: int, backend=Non
 
 
 def run_learn_filter(args) -> int:
-    for opt, v, lo in (("--size", args.size, 3), ("--steps", args.steps, 1)):
-        if v < lo:
-            return _cmd.error(args, f"{opt} must be at least {lo}, got {v}")
-    if not args.lr > 0:
-        return _cmd.error(args, f"--lr must be positive, got {args.lr}")
-    device, err = _cmd.setup(args)
-    if err:
-        return err
+    if args.size < 3:
+        raise _cmd.UsageError(f"--size: expected at least 3 (the kernel's side), got {args.size}")
+    requested = _app.requested_backend(args.backend)[0]
+    dtype = args.dtype or ("float64" if requested in ("auto", "torch") else "float32")
+    if dtype == "float64" and requested in ("triton", "cuda"):
+        raise _cmd.UsageError(f"--dtype float64: the {requested} backend computes float16/bfloat16/float32 only "
+                              "(use --dtype float32 or --backend torch)")
+    device, backend = _cmd.setup(args, dtype, needs=("matplotlib", "skimage"))
     import torch
 
     from .data import photo
@@ -227,13 +226,10 @@ def run_learn_filter(args) -> int:
     try:
         full = photo(args.photo, grey=True)
     except ValueError as e:
-        return _cmd.error(args, f"--photo {args.photo}: {e}")
+        raise _cmd.UsageError(f"--photo {args.photo}: {e}") from None
     H, W = full.shape[1:]
     if args.size > min(H, W):
-        return _cmd.error(args, f"--size {args.size}: larger than the photo ({H}x{W})")
-    dtype = args.dtype or ("float64" if args.backend in ("auto", "torch") else "float32")
-    if dtype == "float64" and args.backend in ("triton", "cuda"):
-        return _cmd.error(args, f"--dtype float64: the {args.backend} backend computes float16/bfloat16/float32 only")
+        raise _cmd.UsageError(f"--size {args.size}: larger than the photo ({H}x{W})")
     k = min(H, W) // args.size
     x = full[:, : k * args.size : k, : k * args.size : k][None].to(device, getattr(torch, dtype))
     hess = _hessian_eigenvalues(x)
@@ -249,7 +245,7 @@ def run_learn_filter(args) -> int:
         if step % 100 == 0:
             bar.set_postfix(loss=f"{loss:.3g}")
 
-    w, losses = learn_filter(x, target, args.steps, args.lr, args.seed, _cmd.backend_name(args), on_step)
+    w, losses = learn_filter(x, target, args.steps, args.lr, args.seed, backend, on_step)
     bar.close()
     err_max = (w.cpu() - target).abs().max().item()
     rate = max(abs(1 - args.lr * hess[0]), abs(1 - args.lr * hess[-1]))
@@ -267,7 +263,7 @@ def run_learn_filter(args) -> int:
         target=args.target, target_kernel=KERNELS[args.target], learned_kernel=w.cpu().tolist(),
         max_abs_error=err_max, initial_loss=losses[0], final_loss=losses[-1], dtype=dtype,
         hessian_eigenvalues=hess, rate_per_step=rate, losses=losses,
-        snapshots={str(k): v for k, v in snaps.items()}, run=_cmd.run_info(args, device)))
+        snapshots={str(k): v for k, v in snaps.items()}, run=_cmd.run_info(args, device, backend)))
     _cmd.finish(out, ["learn_filter.png", "learn_filter.json"])
     return 0
 

@@ -1,9 +1,9 @@
 """resconv's public functional API, and the one place a backend is chosen.
 
 Backend choice, per call: the ``backend=`` argument, else the ``RESCONV_BACKEND``
-environment variable, else ``"auto"``: the CUDA extension (CUDA tensors, when built), then
-Triton (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``), then ``"torch"``
-(plain PyTorch, any device and dtype). A backend that is forced but cannot serve the call
+environment variable (case-insensitive; unset or empty: auto), else ``"auto"``: the CUDA
+extension (CUDA tensors, when built), then Triton (CUDA tensors; CPU tensors only under
+``TRITON_INTERPRET=1``), then ``"torch"`` (plain PyTorch, any device and dtype). A backend that is forced but cannot serve the call
 raises :class:`BackendUnavailableError`, chained to the original cause (import or build
 error) where there is one.
 
@@ -53,9 +53,35 @@ def unavailable_reason(backend: str, device: Union[str, torch.device], dtype: to
     return BACKENDS[backend].unavailable_reason(torch.device(device), dtype)
 
 
+BACKEND_ENV = "RESCONV_BACKEND"
+
+
+def env_backend() -> str:
+    """The default backend of every call: ``RESCONV_BACKEND`` (case-insensitive; unset or
+    empty: 'auto').
+
+    Raises:
+        ValueError: a value that names no backend.
+    """
+    raw = os.environ.get(BACKEND_ENV, "")
+    value = raw.strip().lower()
+    if not value:
+        return "auto"
+    if value not in BACKEND_NAMES:
+        raise ValueError(f"{BACKEND_ENV}: expected one of {BACKEND_NAMES} (case-insensitive; empty means auto), "
+                         f"got {raw!r}")
+    return value
+
+
 def select_backend(backend: Optional[str], x: Tensor):
-    """The backend object that will run a call on ``x`` (see the module docstring)."""
-    name = backend if backend is not None else os.environ.get("RESCONV_BACKEND", "auto")
+    """The backend object that will run a call on ``x`` (see the module docstring).
+
+    Raises:
+        ValueError: an unknown name (in ``backend`` or ``RESCONV_BACKEND``).
+        BackendUnavailableError: a forced backend that cannot serve ``x``'s device and dtype.
+    """
+    from_env = backend is None
+    name = env_backend() if from_env else backend
     if name == "auto":
         for cand in AUTO_ORDER:
             b = BACKENDS[cand]
@@ -67,8 +93,9 @@ def select_backend(backend: Optional[str], x: Tensor):
     b = BACKENDS[name]
     reason = b.unavailable_reason(x.device, x.dtype)
     if reason is not None:
+        origin = f"{BACKEND_ENV}={name}: " if from_env else ""
         raise BackendUnavailableError(
-            f"backend {name!r} cannot run on a {x.dtype} tensor on {x.device}: {reason}"
+            f"{origin}backend {name!r} cannot run on a {x.dtype} tensor on {x.device}: {reason}"
         ) from b.cause
     return b
 
@@ -141,19 +168,22 @@ def conv2d(
         input (Tensor[N, C, H, W] or Tensor[C, H, W]): float16, bfloat16, float32 or float64
             (float64: torch backend); NCHW or channels_last; non-contiguous is fine.
         weight (Tensor[K, C/groups, R, S]): input's dtype and device.
-        bias (Tensor[K] or None).
-        stride, dilation (int or (int, int)): positive.
+        bias (Tensor[K] or None): added to the conv output.
+        stride (int or (int, int)): positive.
         padding (int, (int, int), 'same' or 'valid'): 'same' pads asymmetrically for even
             kernels (as nn.Conv2d) and needs stride 1.
+        dilation (int or (int, int)): positive.
         groups (int): divides C and K (groups == C is depthwise).
-        padding_mode ('zeros', 'reflect', 'replicate', 'circular').
-        scale, shift (Tensor[K] or None): per-output-channel epilogue (e.g. eval BatchNorm
-            folded in, see :func:`resconv.reference.bn_fold`), applied in fp32.
+        padding_mode (str): 'zeros', 'reflect', 'replicate' or 'circular'.
+        scale (Tensor[K] or None): per-output-channel scale of the epilogue (e.g. eval
+            BatchNorm folded in, see :func:`resconv.reference.bn_fold`), applied in fp32.
+        shift (Tensor[K] or None): per-output-channel shift of the epilogue.
         residual (Tensor[N, K, P, Q] or None): added after ``shift``; input's dtype.
         relu (bool): apply ReLU last.
         allow_tf32 (bool or None): float32 on tensor cores in TF32; None follows
             ``torch.backends.cudnn.allow_tf32`` like nn.Conv2d; False forces IEEE fp32.
-        backend ('auto', 'triton', 'cuda', 'torch' or None): see the module docstring.
+        backend (str or None): 'auto', 'triton', 'cuda' or 'torch'; None: ``RESCONV_BACKEND``
+            (see the module docstring).
 
     Returns:
         Tensor[N, K, P, Q] (Tensor[K, P, Q] for unbatched input) in input's dtype and memory
@@ -211,14 +241,28 @@ def conv_bn2d(
     per-tile partials merged with Chan's formula.
 
     Args:
-        input (Tensor[N, C, H, W] or Tensor[C, H, W]), weight (Tensor[K, C/groups, R, S]),
-        bias (Tensor[K] or None): as in :func:`conv2d`.
-        running_mean, running_var (Tensor[K] or None): required when ``training=False``.
-        bn_weight, bn_bias (Tensor[K] or None): gamma and beta (None: 1 and 0).
-        momentum (float), eps (float).
-        residual (Tensor[N, K, P, Q] or None), relu (bool): applied after BatchNorm.
-        process_group: synchronise batch statistics over this ``torch.distributed`` group
-            (as nn.SyncBatchNorm) when training; None: local statistics.
+        input (Tensor[N, C, H, W] or Tensor[C, H, W]): as in :func:`conv2d`.
+        weight (Tensor[K, C/groups, R, S]): as in :func:`conv2d`.
+        bias (Tensor[K] or None): the conv's bias, as in :func:`conv2d`.
+        running_mean (Tensor[K] or None): required when ``training=False``; updated in place
+            when training.
+        running_var (Tensor[K] or None): as ``running_mean`` (unbiased variance).
+        bn_weight (Tensor[K] or None): gamma (None: 1).
+        bn_bias (Tensor[K] or None): beta (None: 0).
+        training (bool): batch statistics (True) or the running ones (False).
+        momentum (float): of the running-statistics update.
+        eps (float): added to the variance.
+        stride (int or (int, int)): as in :func:`conv2d`.
+        padding (int, (int, int), 'same' or 'valid'): as in :func:`conv2d`.
+        dilation (int or (int, int)): as in :func:`conv2d`.
+        groups (int): as in :func:`conv2d`.
+        padding_mode (str): as in :func:`conv2d`.
+        residual (Tensor[N, K, P, Q] or None): added after BatchNorm.
+        relu (bool): apply ReLU last.
+        process_group (torch.distributed.ProcessGroup or None): synchronise batch statistics
+            over this group (as nn.SyncBatchNorm) when training; None: local statistics.
+        allow_tf32 (bool or None): as in :func:`conv2d`.
+        backend (str or None): as in :func:`conv2d`.
 
     Returns:
         Tensor[N, K, P, Q] in input's dtype and memory format.
@@ -261,9 +305,10 @@ def add_relu(input: Tensor, residual: Tensor, *, relu: bool = True, backend: Opt
     """``out = act(input + residual)``: a skip connection not fused into a conv.
 
     Args:
-        input (Tensor[N, C, H, W] or any shape with dim >= 1), residual (same shape, dtype and
-            device): computed in fp32 and rounded once.
+        input (Tensor[N, C, H, W] or any shape with dim >= 1): computed in fp32 and rounded once.
+        residual (Tensor): input's shape, dtype and device.
         relu (bool): apply ReLU (else a plain add).
+        backend (str or None): as in :func:`conv2d`.
     Returns:
         Tensor of input's shape, dtype and memory format.
     Raises:

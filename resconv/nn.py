@@ -158,8 +158,8 @@ class _ConvBnNd(Conv2d):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv: expected a torch.nn.Conv2d, got {type(conv).__name__}")
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            raise TypeError(f"bn: expected a torch.nn.BatchNorm2d, got {type(bn).__name__}")
+        if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):  # BatchNorm1d/3d normalise other ranks
+            raise TypeError(f"bn: expected a torch.nn.BatchNorm2d (or SyncBatchNorm), got {type(bn).__name__}")
         if bn.num_features != conv.out_channels:
             raise ValueError(f"bn: num_features={bn.num_features} does not match conv.out_channels={conv.out_channels}")
         self = cls.__new__(cls)
@@ -201,6 +201,8 @@ class _ConvBnNd(Conv2d):
         return conv, self.bn
 
     def _forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+        if isinstance(input, Tensor) and input.dim() != 4:  # BatchNorm2d's check, its words
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
         bn = self.bn
         # torch.nn.BatchNorm2d.forward's bookkeeping, verbatim in meaning.
         factor = 0.0 if bn.momentum is None else bn.momentum
@@ -325,8 +327,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 
     Args:
         module (nn.Module): changed in place.
-        process_group: a ``torch.distributed`` group; None means the default (WORLD) group
-            at run time.
+        process_group (torch.distributed.ProcessGroup or None): the group; None means the
+            default (WORLD) group at run time.
     Returns:
         ``module`` (the same object), or a SyncBatchNorm if ``module`` itself is a plain
         BatchNorm (as torch's function).

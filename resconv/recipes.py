@@ -17,7 +17,6 @@ as PNGs (:mod:`resconv.train_figures`).
 """
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 import time
@@ -54,10 +53,6 @@ def fill_defaults(args) -> None:
             setattr(args, k, getattr(recipe, k) if recipe else v)
 
 
-def default_out(command: str = "train") -> Path:
-    return Path("resconv-results") / command / datetime.date.today().isoformat()
-
-
 def augmentation(size: int, flip: bool, mean, std):
     """Per-image training transform (torchvision.transforms.v2 on Tensor[C, H, W] in [0, 1])."""
     from torchvision.transforms import v2
@@ -69,28 +64,28 @@ def augmentation(size: int, flip: bool, mean, std):
     return v2.Compose(steps)
 
 
-def run_recipe(args, device) -> int:
-    """``resconv train --recipe NAME`` (the train command's parsed arguments): train, evaluate
-    each epoch, write JSON and the figures. Returns the exit code."""
+def run_recipe(args, device, backend: str, backend_line: str) -> int:
+    """``resconv train --recipe NAME`` (the train command's parsed arguments, its resolved
+    device and backend): train, evaluate each epoch, write JSON and the figures. Returns the
+    exit code; raises resconv._app.UsageError for options the recipe cannot take."""
     import torch
     import torch.nn.functional as F
     from torchvision.transforms import v2
 
+    from ._app import UsageError, default_out
     from .data import channel_stats, cifar10, digits
     from .models import resnet18
     from .train_figures import write_training_figures
 
     recipe = RECIPES[args.recipe]
     if args.compare:
-        print("resconv train: error: --compare: not with --recipe (it compares the quick run)", file=sys.stderr)
-        return 2
+        raise UsageError("--compare: not with --recipe (it compares the quick one-cycle run with torch.nn)")
     fill_defaults(args)
     if args.data:
         try:
-            xtr, ytr, xte, yte = cifar10(args.data)
+            xtr, ytr, xte, yte = cifar10(str(args.data))
         except FileNotFoundError as e:
-            print(f"resconv train: error: {e}", file=sys.stderr)
-            return 2
+            raise UsageError(str(e)) from None
         dataset, flip, mean, std = "cifar10", True, recipe.mean, recipe.std
         if args.image_size != 32:
             xtr, xte = (F.interpolate(t, size=(args.image_size,) * 2, mode="bilinear", antialias=True,
@@ -110,7 +105,7 @@ def run_recipe(args, device) -> int:
     model = resnet18(10, "cifar")
     for m in model.modules():
         if hasattr(m, "backend"):
-            m.backend = None if args.backend == "auto" else args.backend
+            m.backend = backend
     model = model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
@@ -118,7 +113,7 @@ def run_recipe(args, device) -> int:
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype not in (torch.float32, torch.float64)
                 else torch.autocast(device.type, enabled=False))
     print(f"resconv train --recipe {recipe.name}: {dataset} ({len(ytr)} train / {len(yte)} test, "
-          f"3x{args.image_size}x{args.image_size}), ResNet-18 (CIFAR stem), device={device}, backend={args.backend}, "
+          f"3x{args.image_size}x{args.image_size}), ResNet-18 (CIFAR stem), device={device}, {backend_line}, "
           f"{epochs} epochs of batch {args.batch_size}, SGD lr {args.lr} momentum {args.momentum} weight decay "
           f"{args.weight_decay}, cosine annealing, RandomCrop(padding={max(args.image_size // 8, 1)})"
           f"{' + RandomHorizontalFlip' if flip else ''}, {total} steps")
@@ -158,16 +153,16 @@ def run_recipe(args, device) -> int:
     acc = history["test_accuracy"][-1]
     print(f"{step} steps ({len(history['test_accuracy'])} epochs) in {elapsed:.1f} s; test accuracy after each "
           f"epoch: " + ", ".join(f"{a:.2%}" for a in history["test_accuracy"]))
-    out = Path(args.out) if getattr(args, "out", None) else default_out()
+    out = Path(args.out) if args.out else default_out("train")
     files = write_training_figures(model, test_tf(xte[:1])[0], xte[0], out,
                                    f"ResNet-18, {dataset}, recipe {recipe.name}, epochs: {len(history['test_accuracy'])}")
     result = dict(dataset=dataset, recipe=asdict(recipe), flip=flip, mean=list(mean), std=list(std),
                   args={k: v for k, v in vars(args).items() if k != "func"}, steps=step, seconds=elapsed,
                   final_test_accuracy=acc, **history)
-    (out / "train.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "train.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     files.append("train.json")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
         files.append(str(args.json))
     for f in files:
         print(f"wrote {out / f}")

@@ -12,6 +12,11 @@ Precision rule (the one the kernels follow): the convolution accumulates in floa
 is computed in that precision and the result is rounded once to the input dtype. fp16/bf16
 operands are exactly representable in float32, so upcasting them changes nothing but the
 accumulator. On CUDA, float32 follows ``torch.backends.cudnn.allow_tf32`` like nn.Conv2d.
+
+For float32 and float64 input the accumulation dtype is the input's and there is no
+intermediate rounding to avoid, so the same computation runs as ATen's fused composites
+(conv with bias, ``F.batch_norm``): the rule holds, and the "torch" backend (what ``auto``
+picks on a CPU) costs no more than the torch.nn modules it replaces.
 """
 from __future__ import annotations
 
@@ -41,7 +46,12 @@ def conv_acc(
     """conv2d(x, weight) without bias, in the accumulation dtype.
 
     Args:
-        x (Tensor[N, C, H, W]), weight (Tensor[K, C/groups, R, S]); padding (top, bottom, left, right).
+        x (Tensor[N, C, H, W]): input.
+        weight (Tensor[K, C/groups, R, S]): filters.
+        stride ((int, int)): positive.
+        padding ((int, int, int, int)): (top, bottom, left, right) zero padding.
+        dilation ((int, int)): positive.
+        groups (int): divides C and K.
     Returns:
         Tensor[N, K, P, Q] in float32 (float64 for float64 input), x's memory format.
     """
@@ -53,12 +63,28 @@ def conv_acc(
     return F.conv2d(F.pad(xc, (l, r, t, b)), wc, None, tuple(stride), 0, tuple(dilation), groups)
 
 
-def _epilogue(y: Tensor, residual: Optional[Tensor], relu: bool, like: Tensor) -> Tensor:
-    """Residual, ReLU, one rounding to ``like``'s dtype, and ``like``'s memory format."""
+def _native(x: Tensor, *vectors: Optional[Tensor]) -> bool:
+    """Whether ATen's composites compute exactly the rule: float32/float64 input and every
+    per-channel vector in that dtype (so nothing is rounded between the steps)."""
+    return x.dtype in (torch.float32, torch.float64) and all(v is None or v.dtype == x.dtype for v in vectors)
+
+
+def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups) -> Tensor:
+    """F.conv2d with (top, bottom, left, right) padding, in x's dtype."""
+    t, b, l, r = padding
+    if t == b and l == r:
+        return F.conv2d(x, weight, bias, tuple(stride), (t, l), tuple(dilation), groups)
+    return F.conv2d(F.pad(x, (l, r, t, b)), weight, bias, tuple(stride), 0, tuple(dilation), groups)
+
+
+def _epilogue(y: Tensor, residual: Optional[Tensor], relu: bool, like: Tensor, owned: bool = False) -> Tensor:
+    """Residual, ReLU, one rounding to ``like``'s dtype, and ``like``'s memory format.
+    ``owned``: y is this function's own intermediate (no caller's tensor, not saved for
+    backward), so the add and the ReLU may overwrite it, as torch.nn's ResNet blocks do."""
     if residual is not None:
-        y = y + residual.to(y.dtype)
+        y = y.add_(residual.to(y.dtype)) if owned else y + residual.to(y.dtype)
     if relu:
-        y = torch.relu(y)
+        y = torch.relu_(y) if owned else torch.relu(y)
     return y.to(like.dtype).contiguous(memory_format=memory_format_of(like))
 
 
@@ -86,11 +112,21 @@ def conv2d(
     Args:
         x (Tensor[N, C, H, W]): input, fp16/bf16/fp32/fp64, any memory format.
         weight (Tensor[K, C/groups, R, S]): filters, x's dtype.
-        scale, shift (Tensor[K] or None): per-output-channel epilogue, any float dtype.
+        scale (Tensor[K] or None): per-output-channel scale, any float dtype.
+        shift (Tensor[K] or None): per-output-channel shift, any float dtype.
         residual (Tensor[N, K, P, Q] or None): added before the activation.
+        stride ((int, int)): as in :func:`conv_acc`.
+        padding ((int, int, int, int)): as in :func:`conv_acc`.
+        dilation ((int, int)): as in :func:`conv_acc`.
+        groups (int): as in :func:`conv_acc`.
+        relu (bool): apply ReLU last.
     Returns:
         Tensor[N, K, P, Q] in x's dtype.
     """
+    if _native(x, scale, shift):  # fold the scale into the filters: one conv with bias
+        w = weight if scale is None else weight * scale.view(-1, 1, 1, 1)
+        y = _conv(x, w, shift, stride, padding, dilation, groups)
+        return _epilogue(y, residual, relu, x, owned=True)
     y = conv_acc(x, weight, stride, padding, dilation, groups)
     if scale is not None:
         y = y * _channel(scale, y.dtype)
@@ -141,7 +177,9 @@ def combine_moments(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Te
     ``mean = mean_a + d * nb / n``, ``M2 = M2a + M2b + d^2 * na * nb / n``.
 
     Args:
-        count (Tensor[T]), mean (Tensor[T, K]), m2 (Tensor[T, K]).
+        count (Tensor[T]): values per partial.
+        mean (Tensor[T, K]): each partial's mean.
+        m2 (Tensor[T, K]): each partial's sum of squared deviations from its mean.
     Returns:
         (count: Tensor[], mean: Tensor[K], m2: Tensor[K]).
     """
@@ -171,6 +209,11 @@ def batch_moments(y: Tensor, process_group=None) -> tuple[Tensor, Tensor, int]:
     m2s = torch.stack(dist_nn.all_gather(m2, group=process_group))
     n, mu, m2_total = combine_moments(counts, means, m2s)
     return mu, m2_total / n, int(n.item())
+
+
+def y_numel_positive(x: Tensor, weight: Tensor) -> bool:
+    """Whether the conv output has values per channel (an empty batch has no statistics)."""
+    return x.shape[0] > 0 and weight.shape[0] > 0
 
 
 @torch.no_grad()
@@ -219,11 +262,30 @@ def conv_bn2d_train(
     torch.nn.BatchNorm2d does, when they are given.
 
     Args:
-        x (Tensor[N, C, H, W]), weight (Tensor[K, C/groups, R, S]), bias/bn_weight/bn_bias/
-        running_mean/running_var (Tensor[K] or None), residual (Tensor[N, K, P, Q] or None).
+        x (Tensor[N, C, H, W]): input.
+        weight (Tensor[K, C/groups, R, S]): filters.
+        bias (Tensor[K] or None): the conv's bias.
+        bn_weight (Tensor[K] or None): gamma.
+        bn_bias (Tensor[K] or None): beta.
+        running_mean (Tensor[K] or None): updated in place.
+        running_var (Tensor[K] or None): updated in place (unbiased variance).
+        momentum (float): of the running-statistics update.
+        eps (float): added to the variance.
+        residual (Tensor[N, K, P, Q] or None): added after BatchNorm.
+        stride ((int, int)): as in :func:`conv_acc`.
+        padding ((int, int, int, int)): as in :func:`conv_acc`.
+        dilation ((int, int)): as in :func:`conv_acc`.
+        groups (int): as in :func:`conv_acc`.
+        relu (bool): apply ReLU last.
+        process_group (torch.distributed.ProcessGroup or None): synchronise the statistics.
     Returns:
         Tensor[N, K, P, Q] in x's dtype.
     """
+    if process_group is None and y_numel_positive(x, weight) and (running_mean is None) == (running_var is None) \
+            and _native(x, bias, bn_weight, bn_bias, running_mean, running_var):
+        y = _conv(x, weight, bias, stride, padding, dilation, groups)
+        z = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps)
+        return _epilogue(z, residual, relu, x, owned=True)
     y = conv_acc(x, weight, stride, padding, dilation, groups)
     if bias is not None:
         y = y + _channel(bias, y.dtype)

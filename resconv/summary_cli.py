@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+import resconv._app as _app
 import resconv._cmd as _cmd
 
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -17,14 +18,14 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 
 def add_parser(sub) -> None:
     p = sub.add_parser("summary", help="per-layer shapes, parameters, MACs, receptive fields of a model",
-                       description=__doc__, formatter_class=_cmd.formatter)
+                       description=__doc__, formatter_class=_cmd.HelpFormatter)
     p.add_argument("model", metavar="MODEL", help="resnet18, plain18, resnet<6n+2> or plain<6n+2> (e.g. resnet56)")
     p.add_argument("--variant", choices=("imagenet", "cifar"), default=None,
                    help="resnet18's stem (default: imagenet for resnet18; the others are CIFAR nets)")
-    p.add_argument("--image-size", type=int, default=None, metavar="N",
+    p.add_argument("--image-size", type=_app.positive_int, default=None, metavar="N",
                    help="input height and width (default: 224 for imagenet, 32 for cifar)")
-    p.add_argument("--num-classes", type=int, default=None, help="default: 1000 (imagenet), 10 (cifar)")
-    p.add_argument("--depth", type=int, default=2, help="rows for modules at most this deep (1: the model's children)")
+    p.add_argument("--num-classes", type=_app.positive_int, default=None, help="default: 1000 (imagenet), 10 (cifar)")
+    p.add_argument("--depth", type=_app.positive_int, default=2, help="rows for modules at most this deep (1: the model's children)")
     p.add_argument("--empirical", action="store_true",
                    help="also measure each top-level layer's receptive field (input gradient of the centre unit) "
                         "on --device/--backend and check it against the analytic one")
@@ -53,29 +54,24 @@ def build_model(name: str, variant: str | None, num_classes: int | None):
 
 
 def run(args) -> int:
-    for opt, v in (("--image-size", args.image_size), ("--num-classes", args.num_classes), ("--depth", args.depth)):
-        if v is not None and v < 1:
-            return _cmd.error(args, f"{opt} must be at least 1, got {v}")
-    device, err = _cmd.setup(args)
-    if err:
-        return err
-    from .summary import receptive_field, summary
+    device, backend = _cmd.setup(args)
+    from .model_summary import receptive_field, summary
 
     try:
         model, variant = build_model(args.model, args.variant, args.num_classes)
     except ValueError as e:
-        return _cmd.error(args, str(e))
+        raise _cmd.UsageError(str(e)) from None
     size = args.image_size or (224 if variant == "imagenet" else 32)
     try:
         table = summary(model, (3, size, size), depth=args.depth)
     except ValueError as e:  # an image too small for the network's windows
-        return _cmd.error(args, f"--image-size {size}: {e}")
+        raise _cmd.UsageError(f"--image-size {size}: {e}") from None
     print(f"{args.model} ({variant} variant), input 3x{size}x{size}")
     print(table)
-    result = dict(model=args.model, variant=variant, **table.as_dict(), run=_cmd.run_info(args, device))
+    result = dict(model=args.model, variant=variant, **table.as_dict(), run=_cmd.run_info(args, device, backend))
     ok = True
     if args.empirical:
-        ok, result["empirical"] = _measure(args, model, size, table, device, receptive_field)
+        ok, result["empirical"] = _measure(model, size, table, device, backend, receptive_field)
     out = _cmd.out_dir(args)
     (out / "summary.txt").write_text(str(table) + "\n")
     _plot(table, out / "summary.png", f"{args.model} ({variant}), {size}x{size} input")
@@ -84,7 +80,7 @@ def run(args) -> int:
     return 0 if ok else 1
 
 
-def _measure(args, model, size, table, device, receptive_field):
+def _measure(model, size, table, device, backend, receptive_field):
     """Empirical receptive field of each top-level layer with a spatial output, against the analytic one."""
     rows = [r for r in table.layers if r.depth == 1 and len(r.output_shape) == 4]
     checks, ok = [], True
@@ -93,7 +89,7 @@ def _measure(args, model, size, table, device, receptive_field):
     for r in rows:
         a = receptive_field(model, (3, size, size), layer=r.name)
         e = receptive_field(model, (3, size, size), layer=r.name, method="empirical", device=device,
-                            backend=_cmd.backend_name(args) or "torch")
+                            backend=backend)
         same = a.centre == e.centre
         ok &= same
         checks.append(dict(layer=r.name, analytic=[list(x) for x in a.centre], measured=[list(x) for x in e.centre],

@@ -39,37 +39,42 @@ MAX_ACCURACY_GAP = 0.02  # |acc_resconv - acc_torch| allowed by --compare
 
 
 def add_parser(sub) -> None:
+    from ._app import HelpFormatter, add_device_backend, add_out, existing_dir, nonnegative_float, nonnegative_int, \
+        positive_float, positive_int
+
     p = sub.add_parser("train", help="train ResNet-18 (CIFAR variant) on digits or CIFAR-10, optionally vs torch.nn",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", metavar="DIR", help="CIFAR-10 folder (torchvision's cifar-10-batches-py); default: digits")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--backend", choices=("auto", "triton", "cuda", "torch"), default="auto",
-                   help="resconv backend (auto: cuda/triton on GPU, torch on CPU)")
+                       description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--data", metavar="DIR", type=existing_dir, default=None,
+                   help="CIFAR-10 folder (torchvision's cifar-10-batches-py, or its parent); default: "
+                        "scikit-learn's digits")
+    add_device_backend(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="autocast dtype for the forward/backward (default float32, IEEE)")
-    p.add_argument("--epochs", type=int, default=None, help="default: 3 (digits), 10 (CIFAR-10)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 64; with --recipe, the recipe's (128)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate of the one-cycle schedule (default 0.05); with --recipe, the recipe's (0.1)")
+                   help="autocast dtype for the forward/backward (float32: IEEE)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="epochs (default: 3 on digits, 10 on CIFAR-10; with --recipe, the recipe's: 200)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="training images per step (default: 64; with --recipe, the recipe's: 128)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate of the one-cycle schedule (default: 0.05; with --recipe, the recipe's "
+                        "initial rate: 0.1)")
+    p.add_argument("--momentum", type=nonnegative_float, default=0.9, help="SGD momentum (Nesterov without --recipe)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="SGD weight decay (L2)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="a published recipe instead of the quick one-cycle run (resconv/recipes.py): cifar10 = "
-                        "ResNet-18's CIFAR-10 recipe, crop+flip, batch 128, SGD lr 0.1, cosine, 200 epochs")
-    p.add_argument("--out", metavar="DIR", default=None,
-                   help="folder for the first-layer filter and feature-map PNGs (default: "
-                        "./resconv-results/train/<date>/)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+                        "ResNet-18's CIFAR-10 recipe, crop + flip, batch 128, SGD lr 0.1, cosine, 200 epochs")
+    add_out(p, "train")
     p.add_argument("--compare", action="store_true", help="also train torch.nn's ResNet-18 from the same start")
-    p.add_argument("--check-steps", type=int, default=5,
-                   help="--compare: the first N steps' losses must agree within tolerance (default 5)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
-    p.add_argument("--image-size", type=int, default=32,
-                   help="side of the training images in pixels (default 32; the digits are 8x8 originals, "
+    p.add_argument("--check-steps", type=nonnegative_int, default=5,
+                   help="with --compare: the first N steps are also run by torch.nn in float64 and checked")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many steps (smoke runs; default: every step of the schedule)")
+    p.add_argument("--image-size", type=positive_int, default=32,
+                   help="side of the training images in pixels, at least 4 (the digits are 8x8 originals, "
                         "upscaled bilinearly; CIFAR-10 is resized when not 32)")
-    p.add_argument("--eval-images", type=int, default=None, metavar="N",
-                   help="measure test accuracy on the first N test images only (smoke runs; default all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="write losses and accuracies as JSON")
+    p.add_argument("--eval-images", type=positive_int, default=None, metavar="N",
+                   help="measure test accuracy on the first N test images only (smoke runs; default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the split and the batch order")
+    p.add_argument("--json", metavar="PATH", help="also write losses and accuracies as JSON to PATH")
     p.set_defaults(func=run)
 
 
@@ -128,7 +133,7 @@ def load_cifar10(root: str):
 def _set_backend(model, backend):
     for m in model.modules():
         if hasattr(m, "backend"):
-            m.backend = None if backend == "auto" else backend
+            m.backend = backend
 
 
 # ----------------------------------------------------------------------------------------
@@ -171,49 +176,52 @@ class Trainer:
         self.losses.append(loss.item())
         return self.losses[-1]
 
-    def accuracy(self, x, y, batch: int = 256) -> float:
+    def accuracy(self, x, y, batch: int = 256, desc: str = "test") -> float:
+        """Top-1 accuracy on (x, y) in batches of ``batch``, with a progress bar."""
         import torch
+        from tqdm import tqdm
 
         self.model.eval()
         correct = 0
         with torch.no_grad(), self._autocast():
-            for i in range(0, len(y), batch):
+            for i in tqdm(range(0, len(y), batch), desc=desc, unit="batch", file=sys.stderr, disable=None,
+                          leave=False):
                 xb = x[i : i + batch].to(self.device).contiguous(memory_format=torch.channels_last)
                 correct += (self.model(xb).argmax(1).cpu() == y[i : i + batch]).sum().item()
         return correct / len(y)
 
 
 def run(args: argparse.Namespace) -> int:
-    import ctypes.util
+    from ._app import UsageError, prepare_device, require, requested_backend, resolve_backend
 
-    device_name = args.device
-    if device_name == "auto":
-        device_name = "cpu" if ctypes.util.find_library("cuda") is None else "cuda"
-    if device_name == "cpu" and args.backend == "triton" and "TRITON_INTERPRET" not in os.environ:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
+    if args.image_size < 4:
+        raise UsageError(f"--image-size: expected at least 4 (pixels), got {args.image_size}")
+    if not args.data:
+        require("sklearn", what="resconv train on the digits (no --data)")
+    require("matplotlib", what="resconv train's filter and feature-map PNGs")
+    if args.recipe:
+        require("torchvision", what=f"--recipe {args.recipe} (its augmentation: torchvision.transforms.v2)")
+    # The Triton interpreter only where Triton is asked for by name: auto on the CPU is torch.
+    device_name = prepare_device(args.device, triton_may_run=requested_backend(args.backend)[0] == "triton")
     import torch
 
     import resconv.tolerances as T
     from resconv.models import resnet18, torch_resnet18
 
-    if device_name == "cuda" and not torch.cuda.is_available():
-        device_name = "cpu"
     device = torch.device(device_name)
     dtype = getattr(torch, args.dtype)
+    backend, backend_line = resolve_backend(args.backend, device_name, dtype)
     torch.manual_seed(args.seed)
-    if args.image_size < 4:
-        print(f"resconv train: --image-size must be at least 4, got {args.image_size}", file=sys.stderr)
-        return 2
-    if args.eval_images is not None and args.eval_images < 1:
-        print(f"resconv train: --eval-images must be at least 1, got {args.eval_images}", file=sys.stderr)
-        return 2
     from .recipes import fill_defaults, run_recipe
 
     if args.recipe:
-        return run_recipe(args, device)
+        return run_recipe(args, device, backend, backend_line)
     fill_defaults(args)
     if args.data:
-        xtr, ytr, xte, yte = load_cifar10(args.data)
+        try:
+            xtr, ytr, xte, yte = load_cifar10(str(args.data))
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
         if args.image_size != 32:
             import torch.nn.functional as F
 
@@ -230,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     steps = schedule_steps if args.max_steps is None else min(args.max_steps, schedule_steps)
 
     model = resnet18(num_classes=10, variant="cifar")
-    _set_backend(model, args.backend)
+    _set_backend(model, backend)
     runs = {"resconv": None}
     if args.compare:
         ref = torch_resnet18(10, variant="cifar")
@@ -240,10 +248,11 @@ def run(args: argparse.Namespace) -> int:
         ref64.load_state_dict(model.state_dict())
         fp64 = Trainer(ref64.double(), device, torch.float64, args, schedule_steps)
     runs["resconv"] = Trainer(model, device, dtype, args, schedule_steps)
+    length = f"{epochs} epochs, {steps} steps" if steps == schedule_steps else \
+        f"{steps} of the {schedule_steps} steps of {epochs} epochs (--max-steps)"
     print(f"resconv train: {dataset} ({len(ytr)} train / {len(yte)} test, 3x{args.image_size}x{args.image_size}), "
-          f"ResNet-18 (CIFAR stem), "
-          f"device={device}, backend={args.backend}, dtype={args.dtype}, {epochs} epochs, batch {args.batch_size}, "
-          f"{steps} steps{', vs torch.nn' if args.compare else ''}")
+          f"ResNet-18 (CIFAR stem), device={device}, {backend_line}, dtype={args.dtype}, {length}, "
+          f"batch {args.batch_size}{', vs torch.nn' if args.compare else ''}")
 
     from tqdm import tqdm
 
@@ -265,17 +274,17 @@ def run(args: argparse.Namespace) -> int:
             step += 1
     bar.close()
     elapsed = time.perf_counter() - t0
-    acc = {name: tr.accuracy(xte, yte) for name, tr in runs.items()}
+    acc = {name: tr.accuracy(xte, yte, desc=f"test {name}") for name, tr in runs.items()}
     _write_figures(args, model, xte[0], dataset)
     return _report(args, runs, acc, elapsed, dataset, dtype, T, fp64.losses if args.compare else None)
 
 
 def _write_figures(args, model, image, dataset) -> None:
     """The first-layer filters and one test image's feature maps (resconv.train_figures)."""
-    from .recipes import default_out
+    from ._app import default_out
     from .train_figures import write_training_figures
 
-    out = Path(args.out) if args.out else default_out()
+    out = Path(args.out) if args.out else default_out("train")
     shown = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12)
     for f in write_training_figures(model, image, shown, out, f"ResNet-18, {dataset}, one-cycle run"):
         print(f"wrote {out / f}")
@@ -295,27 +304,37 @@ def _report(args, runs, acc, elapsed, dataset, dtype, T, losses64) -> int:
             row += f"   {abs(a - b) / max(abs(b), 1e-12):.2e}"
         print(row)
     ok = True
+    checked = []  # what the verdict rests on: PASS is printed only when something was checked
     for n in names:
         print(f"test accuracy {n}: {acc[n]:.2%}")
     full_run = args.max_steps is None and args.eval_images is None  # the accuracy claims need the whole run
     if dataset == "digits" and full_run:
+        checked.append(f"accuracy >= {DIGITS_ACCURACY_TARGET:.0%} on digits")
         for n in names:
             if acc[n] < DIGITS_ACCURACY_TARGET:
                 print(f"FAIL: {n} reached {acc[n]:.2%} < {DIGITS_ACCURACY_TARGET:.0%} on digits")
                 ok = False
     if len(names) > 1:
+        checked.append("loss curves against torch.nn" + (" and float64" if losses64 else ""))
         ok = _check_curves(losses["resconv"], losses["torch.nn"], losses64, dtype, T) and ok
         gap = abs(acc["resconv"] - acc["torch.nn"])
-        if full_run and gap > MAX_ACCURACY_GAP:
-            print(f"FAIL: accuracies differ by {gap:.2%} > {MAX_ACCURACY_GAP:.0%}")
-            ok = False
-    print(f"{nsteps} steps in {elapsed:.1f} s: {'PASS' if ok else 'FAIL'}")
+        if full_run:
+            checked.append(f"accuracy within {MAX_ACCURACY_GAP:.0%} of torch.nn")
+            if gap > MAX_ACCURACY_GAP:
+                print(f"FAIL: accuracies differ by {gap:.2%} > {MAX_ACCURACY_GAP:.0%}")
+                ok = False
+    if checked:
+        print(f"{nsteps} steps in {elapsed:.1f} s: {'PASS' if ok else 'FAIL'} ({'; '.join(checked)})")
+    else:
+        print(f"{nsteps} steps in {elapsed:.1f} s: done, nothing checked (the accuracy target needs the whole run "
+              "on digits; --compare checks against torch.nn)")
     if losses64:
         losses["torch.nn-float64"] = losses64
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(dataset=dataset, args={k: v for k, v in vars(args).items() if k != "func"},
-                           losses=losses, accuracy=acc, seconds=elapsed, passed=ok), f, indent=2)
+                           losses=losses, accuracy=acc, seconds=elapsed, passed=ok if checked else None,
+                           checked=checked), f, indent=2, default=str)
         print(f"wrote {args.json}")
     return 0 if ok else 1
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,25 +27,28 @@ DTYPES = {"float32": "float32", "tf32": "float32", "float16": "float16", "bfloat
 
 
 def add_parser(sub) -> None:
+    from ._app import DEVICE_CHOICES, HelpFormatter, positive_int
+
     p = sub.add_parser(
         "verify",
         help="check the backends against torch.nn on ResNet-18 layers and real photographs",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to run (auto: cuda if available, else cpu with the Triton interpreter)")
-    p.add_argument("--backend", action="append", choices=("triton", "cuda", "torch"),
-                   help="backend(s) to check (repeatable; default: every backend available on the device)")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                   help="where to run (auto: the GPU when one is usable, else the CPU with the Triton interpreter)")
+    p.add_argument("--backend", action="append", choices=("auto", "triton", "cuda", "torch"),
+                   help="backend(s) to check (repeatable; auto: every backend that can run on the device, the "
+                        "Triton kernels in its interpreter on the CPU; default: $RESCONV_BACKEND, else auto)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                   help="compute dtype (tf32: float32 on TF32 tensor cores; default float32)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="photographs per batch (default: 8 on GPU, 2 on CPU)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="crop size in pixels (default: 224 on GPU, 96 on CPU)")
-    p.add_argument("--layer-batch", type=int, default=None,
-                   help="batch of the per-layer checks (default: 8 on GPU, 1 on CPU)")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
-    p.add_argument("--seed", type=int, default=0)
+                   help="compute dtype (tf32: float32 on TF32 tensor cores)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="photographs per batch (default: 8 on a GPU, 2 on the CPU)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="crop size in pixels, at least 32 (default: 224 on a GPU, 96 on the CPU)")
+    p.add_argument("--layer-batch", type=positive_int, default=None,
+                   help="batch of the per-layer checks (default: 8 on a GPU, 1 on the CPU)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     p.set_defaults(func=run)
 
 
@@ -62,23 +64,15 @@ class Check:
     extra: dict = field(default_factory=dict)
 
 
-def _pick_device(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    import ctypes.util
-
-    if ctypes.util.find_library("cuda") is None:
-        return "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run(args: argparse.Namespace) -> int:
-    device = _pick_device(args.device)
-    if device == "cpu" and "TRITON_INTERPRET" not in os.environ:
-        # before resconv's Triton kernels are first imported (they are imported lazily)
-        os.environ["TRITON_INTERPRET"] = "1"
+    from ._app import UsageError, prepare_device, require, requested_backend
+
+    require("skimage", what="resconv verify (its photographs)")
+    if args.image_size is not None and args.image_size < 32:
+        raise UsageError(f"--image-size: expected at least 32 (pixels: ResNet-18 downsamples 32x), got {args.image_size}")
+    order = ("auto", "cuda", "triton", "torch")
+    requested = sorted(set(args.backend or [requested_backend(None)[0]]), key=order.index)
+    device = prepare_device(args.device, triton_may_run=any(b in ("auto", "triton") for b in requested))
     import torch
 
     import resconv.tolerances as T
@@ -86,9 +80,6 @@ def run(args: argparse.Namespace) -> int:
     from resconv.functional import available_backends
     from resconv.models import resnet18_layers
 
-    if device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA GPU is available", file=sys.stderr)
-        return 2
     dtype = getattr(torch, DTYPES[args.dtype])
     tf32 = args.dtype == "tf32"
     gpu = device == "cuda"
@@ -96,11 +87,12 @@ def run(args: argparse.Namespace) -> int:
     size = args.image_size or (224 if gpu else 96)
     layer_batch = args.layer_batch or (8 if gpu else 1)
     avail = available_backends(device, dtype)
-    wanted = args.backend or [b for b in ("cuda", "triton", "torch") if avail[b] is None]
+    wanted = [b for b in requested if b != "auto"]
+    if "auto" in requested:
+        wanted += [b for b in ("cuda", "triton", "torch") if avail[b] is None and b not in wanted]
     for b in wanted:
         if avail[b] is not None:
-            print(f"error: backend {b!r} cannot run on {device}/{dtype}: {avail[b]}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--backend {b}: backend {b!r} cannot run on {device}/{args.dtype}: {avail[b]}")
     print(f"resconv {__version__} verify: device={device} ({_device_name(device)}), dtype={args.dtype}, "
           f"backends={','.join(wanted)}, photos {batch}x3x{size}x{size}, layer batch {layer_batch}")
     for b, why in avail.items():

@@ -451,6 +451,18 @@ def test_forcing_cuda_on_cpu_names_the_reason():
         RF.conv2d(x.double(), w.double(), backend="cuda")
 
 
+def test_no_gpu_never_triggers_a_build(monkeypatch):
+    """available_backends("cuda") on a machine with nvcc and no GPU answers at once, without
+    compiling the extension (it used to spend a minute building it to find no driver)."""
+    def fail():
+        raise AssertionError("the extension must not be built or loaded without a usable GPU")
+
+    monkeypatch.setattr(build, "load_extension", fail)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reason = cuda_ops.CudaBackend().unavailable_reason(torch.device("cuda"), torch.float16)
+    assert "no usable CUDA device" in reason
+
+
 def test_cpu_tensors_never_trigger_a_build(monkeypatch):
     def fail():
         raise AssertionError("the extension must not be loaded for a CPU tensor")
@@ -468,6 +480,7 @@ def test_unavailable_extension_is_the_cause(monkeypatch):
 
     backend = cuda_ops.CudaBackend()
     monkeypatch.setattr(cuda_ops, "ops", fail)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine whose build fails
     monkeypatch.setitem(RF.BACKENDS, "cuda", backend)
     fake_cuda_tensor = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16)
     with pytest.raises(RF.BackendUnavailableError, match="nvcc exploded") as info:

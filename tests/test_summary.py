@@ -1,5 +1,5 @@
-"""resconv.summary: output sizes, parameter counts, MACs and receptive fields, pinned to the
-figures everyone quotes (He et al. 2016's ResNet-18, torchvision's counts), and the analytic
+"""resconv.summary / conv_output_size / receptive_field (resconv.model_summary): output
+sizes, parameter counts, MACs and receptive fields, pinned to the figures everyone quotes (He et al. 2016's ResNet-18, torchvision's counts), and the analytic
 receptive field against the one measured from the input gradient of the centre unit."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 import resconv
 from resconv.models import cifar_resnet, resnet18
-from resconv.summary import conv_output_size, receptive_field, summary
+from resconv.model_summary import conv_output_size, receptive_field, summary
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+
+from .._app import RESULTS_DIR, HelpFormatter, UsageError, existing_file, positive_float, positive_int
 
 DESCRIPTION = """\
 Benchmark resconv against eager PyTorch (cuDNN), torch.compile and cuDNN's fused ops:
@@ -15,16 +16,17 @@ training modes, ResNet-18 end to end (inference and a training step), saved-for-
 memory, and the GPU's roofline measured in the same run. Every provider's output is checked
 against a float32 reference before it is timed.
 
-Without a GPU this runs the CPU smoke version (small shapes; torch providers and resconv's
-torch and Triton-interpreter backends), re-running itself under TRITON_INTERPRET=1.
+Without a GPU this runs the CPU smoke run (small shapes; torch providers and resconv's torch
+and Triton-interpreter backends): a check of the harness, not a measurement, and every
+output says so.
 
 Results: a summary here, and results.json, results.md, layers.png and e2e.png in --out
-(default benchmarks/results/<gpu-name>/<date>/).
+(default ./resconv-results/bench/<gpu-or-cpu>/<date>/ in the working directory).
 """
 
 EPILOG = """\
-presets: smoke (CPU), quick (GPU default, fits the 10-minute GPU script), full (everything,
-  torch.compile per layer included; far longer)
+presets: smoke (CPU), quick (GPU default), full (everything, torch.compile per layer included;
+  far longer)
 lists (comma-separated): --providers replaces the preset's providers for layers and end to
   end (names not applicable to a section are ignored there); +name / -name add or remove.
 examples:
@@ -32,48 +34,76 @@ examples:
   resconv bench --preset full --time-budget 3000
   resconv bench --sections layers --batches 32,1 --modes train-fwdbwd --providers +compile
   resconv bench --dtypes bf16,fp16,fp32 --formats channels_last,nchw --sections layers,e2e
-  resconv bench --report benchmarks/results/<gpu>/<date>/results.json   # re-render md/png
+  resconv bench --report resconv-results/bench/<gpu>/<date>/results.json   # re-render md/png
 """
+# The command line a re-executed run records (the user's, not the re-run's).
+COMMAND_ENV = "RESCONV_BENCH_COMMAND"
 
 
 def _list(text: str) -> list:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _choices(*valid: str):
+    def parse(text: str) -> list:
+        items = _list(text)
+        bad = [i for i in items if i not in valid]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; expected some of {', '.join(valid)}")
+        return items
+
+    return parse
 
 
 def _ints(text: str) -> list:
-    try:
-        return [int(t) for t in _list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    out = []
+    for t in _list(text):
+        try:
+            out.append(positive_int(t))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    return out
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmark suite (per layer, end to end, roofline)",
-                              description=DESCRIPTION, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=("smoke", "quick", "full"), help="default: quick on a GPU, smoke without")
-    p.add_argument("--device", help="'cuda' or 'cpu' (default: cuda when a GPU is visible)")
-    p.add_argument("--sections", type=_list, help="of roofline,layers,memory,e2e (default: all)")
-    p.add_argument("--variants", type=_list, help="layer sets: imagenet,cifar,smoke")
+                              description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
+    p.add_argument("--preset", choices=("smoke", "quick", "full"), default=None,
+                   help="what to run (default: quick on a GPU, smoke without)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (auto: the GPU when one is usable, else the CPU smoke run)")
+    p.add_argument("--sections", type=_choices("roofline", "layers", "memory", "e2e"), default=None,
+                   help="of roofline,layers,memory,e2e (default: the preset's)")
+    p.add_argument("--variants", type=_choices("imagenet", "cifar", "smoke"), default=None,
+                   help="layer sets: imagenet,cifar,smoke (default: the preset's)")
     p.add_argument("--layer-filter", metavar="TEXT", help="only layers whose label contains TEXT (e.g. 3x3s2)")
-    p.add_argument("--batches", type=_ints, help="per-layer batch sizes (default 256,32,1)")
-    p.add_argument("--modes", type=_list, help="eval,train-fwd,train-fwdbwd,train-bwd")
-    p.add_argument("--dtypes", type=_list, help="bf16,fp16,fp32 (fp32 runs in TF32 on a GPU; default bf16)")
-    p.add_argument("--formats", type=_list, help="channels_last,nchw (default channels_last)")
+    p.add_argument("--batches", type=_ints, help="per-layer batch sizes (default: the preset's, e.g. 256,32,1)")
+    p.add_argument("--modes", type=_choices("eval", "train-fwd", "train-fwdbwd", "train-bwd"), default=None,
+                   help="eval,train-fwd,train-fwdbwd,train-bwd (default: the preset's)")
+    p.add_argument("--dtypes", type=_choices("bf16", "fp16", "fp32"), default=None,
+                   help="bf16,fp16,fp32 (fp32 runs in TF32 on a GPU; default: the preset's, bf16)")
+    p.add_argument("--formats", type=_choices("channels_last", "nchw"), default=None,
+                   help="channels_last,nchw (default: the preset's, channels_last)")
     p.add_argument("--providers", help="comma list, or +name/-name edits of the preset's (see below)")
-    p.add_argument("--e2e-variants", type=_list, help="imagenet,cifar")
-    p.add_argument("--e2e-image-size", type=int, help="end-to-end input size (default 224 / 32)")
-    p.add_argument("--e2e-batches", type=_ints, help="inference batch sizes (default 256,64,1)")
-    p.add_argument("--train-batches", type=_ints, help="training-step batch sizes (default 256)")
+    p.add_argument("--e2e-variants", type=_choices("imagenet", "cifar"), default=None,
+                   help="imagenet,cifar (default: the preset's)")
+    p.add_argument("--e2e-image-size", type=positive_int, help="end-to-end input size (default: 224 / 32)")
+    p.add_argument("--e2e-batches", type=_ints, help="inference batch sizes (default: the preset's, e.g. 256,64,1)")
+    p.add_argument("--train-batches", type=_ints, help="training-step batch sizes (default: the preset's, 256)")
     p.add_argument("--memory-batches", type=_ints, help="batch sizes of the saved-memory measurement")
-    p.add_argument("--warmup-ms", type=float, help="per-layer warm-up time")
-    p.add_argument("--rep-ms", type=float, help="per-layer time filled with timed calls")
-    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+    p.add_argument("--warmup-ms", type=positive_float, help="per-layer warm-up time in ms (default: the preset's)")
+    p.add_argument("--rep-ms", type=positive_float, help="per-layer time filled with timed calls, ms")
+    p.add_argument("--time-budget", type=positive_float, metavar="SECONDS",
                    help="stop starting new jobs after this long (the rest is listed as not run)")
-    p.add_argument("--out", type=Path, metavar="DIR", help="result folder (default <results-root>/<gpu>/<date>/)")
-    p.add_argument("--results-root", type=Path, default=Path("benchmarks/results"), metavar="DIR")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="result folder (default: <results-root>/<gpu-or-cpu>/<date>/)")
+    p.add_argument("--results-root", type=Path, default=RESULTS_DIR / "bench", metavar="DIR",
+                   help="where default result folders go (relative to the working directory)")
     p.add_argument("--no-write", action="store_true", help="print only; write no files")
-    p.add_argument("--report", type=Path, metavar="RESULTS_JSON",
+    p.add_argument("--report", type=existing_file, metavar="RESULTS_JSON",
                    help="only render results.md and the charts from a results.json (into its folder or --out)")
     p.add_argument("--list", action="store_true", help="print the jobs of the plan and exit")
     p.add_argument("--no-interpret", action="store_true",
@@ -95,7 +125,7 @@ def _edit(current: list, spec: str, valid: dict) -> list:
                 out.remove(name)
         return out
     if any(i[0] in "+-" for i in items):
-        raise SystemExit("--providers: either a plain list or only +name/-name edits, not both")
+        raise UsageError("--providers: either a plain list or only +name/-name edits, not both")
     return [i for i in items if i in valid]
 
 
@@ -119,7 +149,7 @@ def build_plan(args, device):
         names = {i.lstrip("+-") for i in _list(args.providers)}
         unknown = sorted(n for n in names if n not in PROVIDERS and n not in E2E_PROVIDERS)
         if unknown:
-            raise SystemExit(f"--providers: unknown {unknown}; known: {sorted(set(PROVIDERS) | set(E2E_PROVIDERS))}")
+            raise UsageError(f"--providers: unknown {unknown}; known: {sorted(set(PROVIDERS) | set(E2E_PROVIDERS))}")
         plan = replace(plan, layer_providers=_edit(plan.layer_providers, args.providers, PROVIDERS),
                        e2e_providers=_edit(plan.e2e_providers, args.providers, E2E_PROVIDERS))
     if args.warmup_ms is not None or args.rep_ms is not None:
@@ -131,14 +161,15 @@ def build_plan(args, device):
     try:
         plan.validate()
     except ValueError as e:
-        raise SystemExit(f"resconv bench: {e}") from None
+        raise UsageError(str(e)) from None
     return name, plan
 
 
 def _reexec_under_interpreter(args, plan) -> None:
     """Without a GPU, Triton's kernels run only in its interpreter, which must be chosen
-    before triton is imported (importing resconv imports it): start this command again in a
-    fresh process with TRITON_INTERPRET=1. Only for a command-line invocation."""
+    before triton is imported: start this command again in a fresh process with
+    TRITON_INTERPRET=1 (the new process records the command as the user typed it). Only for a
+    command-line invocation."""
     if args.no_interpret or os.environ.get("TRITON_INTERPRET") == "1":
         return
     if "resconv-triton" not in plan.layer_providers + plan.e2e_providers:
@@ -146,25 +177,26 @@ def _reexec_under_interpreter(args, plan) -> None:
     prog = os.path.basename(sys.argv[0]) if sys.argv else ""
     if prog not in ("resconv", "__main__.py") or "bench" not in sys.argv[1:]:
         return  # called from Python (e.g. a test): resconv-triton reports itself unavailable
-    try:
-        import triton  # noqa: F401
-    except Exception:
+    if importlib_util_missing("triton"):
         return
-    print("resconv bench: re-running with TRITON_INTERPRET=1 so that the Triton kernels run in the interpreter",
-          file=sys.stderr, flush=True)
+    from .env import command_line
+
     argv = [sys.executable, "-m", "resconv", *sys.argv[1:]]
-    os.execve(sys.executable, argv, dict(os.environ, TRITON_INTERPRET="1"))
+    os.execve(sys.executable, argv, dict(os.environ, TRITON_INTERPRET="1", **{COMMAND_ENV: command_line()}))
+
+
+def importlib_util_missing(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None
 
 
 def main(args) -> int:
-    import torch
-
-    from . import report
-    from .env import slug
-    from .plan import jobs
-    from .runner import run
+    from .._app import LOG, dated_folder, prepare_device
 
     if args.report is not None:
+        from . import report
+
         results = report.load_json(args.report)
         outdir = args.out or args.report.parent
         written = report.write_all(results, outdir)
@@ -172,12 +204,15 @@ def main(args) -> int:
         print("written: " + ", ".join(str(w) for w in written))
         return 0
 
-    if args.device:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("resconv bench: --device cuda, but no CUDA GPU is visible")
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = prepare_device(args.device, triton_may_run=False)
+    import torch
+
+    from . import report
+    from .env import slug
+    from .plan import jobs
+    from .runner import run
+
+    device = torch.device(device_name)
     name, plan = build_plan(args, device)
     todo = jobs(plan)
     if args.list:
@@ -187,27 +222,21 @@ def main(args) -> int:
               f"end-to-end providers {plan.e2e_providers}")
         return 0
     if device.type == "cpu":
+        _reexec_under_interpreter(args, plan)  # returns only when it need not (or cannot) re-run
         what = ": small shapes, a check of the harness, not a measurement" if name == "smoke" else ""
-        print(f"resconv bench: no CUDA GPU {'used' if args.device else 'found'}: running on the CPU "
-              f"(preset {name}{what})", file=sys.stderr, flush=True)
-        _reexec_under_interpreter(args, plan)
+        LOG.info("no CUDA GPU %s: running on the CPU (preset %s%s)", "used" if args.device == "cpu" else "found",
+                 name, what)
 
     outdir = None
     if not args.no_write:
         if args.out is not None:
             outdir = args.out
         else:
-            if device.type == "cuda":
-                gpu = slug(torch.cuda.get_device_name(device))
-            else:
-                gpu = f"cpu-{slug(os.uname().machine)}"
-            date = _dt.date.today().isoformat()
-            outdir = args.results_root / gpu / date
-            if (outdir / "results.json").exists():
-                outdir = args.results_root / gpu / (date + _dt.datetime.now().strftime("_%H%M%S"))
+            where = slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else f"cpu-{os.uname().machine}"
+            outdir = dated_folder(args.results_root / where)
     budget = f", time budget {plan.time_budget_s:.0f} s" if plan.time_budget_s is not None else ""
-    print(f"resconv bench: preset {name}, {len(todo)} jobs on {device}{budget}"
-          + (f", results in {outdir}" if outdir else ""), file=sys.stderr, flush=True)
+    LOG.info("preset %s, %d jobs on %s%s%s", name, len(todo), device, budget,
+             f", results in {outdir}" if outdir else "")
     results = run(plan, device, outdir, progress=False if args.no_progress else None)
     print(report.terminal(results))
     if outdir is not None:

@@ -91,7 +91,11 @@ def slug(text: str) -> str:
 
 
 def command_line() -> str:
-    """The command as typed: ``resconv bench ...`` or ``python -m resconv bench ...``."""
+    """The command as the user typed it: ``resconv bench ...`` or ``python -m resconv bench ...``
+    (a run that re-executed itself under TRITON_INTERPRET=1 records the original)."""
+    recorded = os.environ.get("RESCONV_BENCH_COMMAND")
+    if recorded:
+        return recorded
     argv = list(sys.argv) or ["?"]
     if argv[0].endswith("__main__.py"):
         argv = ["python", "-m", "resconv"] + argv[1:]

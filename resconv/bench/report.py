@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import plots
-from .plots import STATUS_MARK
+from .plots import STATUS_MARK, smoke_note
 
 
 def write_json(results: dict, path: Path) -> None:
@@ -283,9 +283,12 @@ def _env_table(env: dict) -> str:
 
 def markdown(results: dict) -> str:
     env = results["env"]
-    title = env.get("gpu") or f"CPU ({env.get('cpu')})"
-    md = [f"# resconv benchmark: {title}, {env['date']}", "",
-          f"Command: `{env['command']}`", "", _env_table(env), ""]
+    note = smoke_note(results)
+    title = env.get("gpu") or f"CPU smoke run ({env.get('cpu')})"
+    md = [f"# resconv benchmark: {title}, {env['date']}", ""]
+    if note:
+        md += [f"**{note}.**", ""]
+    md += [f"Command: `{env['command']}`", "", _env_table(env), ""]
     if results["complete"]:
         status = "complete"
     elif results["skipped"]:
@@ -308,7 +311,8 @@ def markdown(results: dict) -> str:
     h, rows = conv3x3_rows(results)
     if rows:
         md += ["### Fused fprop against the bare conv on the 3x3 layers", "",
-               "Time relative to cuDNN's conv alone (the CUDA backend's target: at most 1.25, heading for 1.0).",
+               "Time relative to cuDNN's conv alone (on a GPU, the CUDA backend's target: at most 1.25, heading "
+               "for 1.0; a CPU smoke run says nothing about it).",
                "", table(h, rows), ""]
     for mode in ("train-fwd", "train-fwdbwd", "train-bwd"):
         h, rows = layer_summary_rows(results, mode)
@@ -326,7 +330,8 @@ def markdown(results: dict) -> str:
                "roof time from this run's matmul and copy.", "", table(h, t), ""]
     h, rows = memory_rows(results)
     if rows:
-        md += ["## Saved for backward (training forward), MiB (ratio to torch.nn)", "", table(h, rows), ""]
+        md += ["## Saved for backward (training forward), MiB (ratio to torch.nn)", "", table(h, rows), "",
+               MEMORY_NOTE, ""]
     h, rows = e2e_rows(results)
     if rows:
         md += ["## End to end, details", "", table(h, rows), ""]
@@ -360,9 +365,16 @@ def markdown(results: dict) -> str:
     return "\n".join(md)
 
 
+MEMORY_NOTE = ("resconv-torch is the plain-PyTorch reference: in float32 it saves what torch.nn saves; in "
+               "float16/bfloat16 it computes the epilogue in float32 (resconv's precision rule) and keeps those "
+               "float32 intermediates, so it saves more than torch.nn there. The kernel backends save the conv "
+               "output and the block output in the input's dtype.")
+
+
 def terminal(results: dict) -> str:
     """A short summary for the terminal: headline tables, largest-batch eval layers, problems."""
-    out = []
+    note = smoke_note(results)
+    out = [note.upper(), ""] if note else []
     if results["roofline"]:
         rl = results["roofline"]
         mm = ", ".join(f"{k} {v:.4g} TFLOP/s" for k, v in rl["matmul_tflops"].items())
@@ -383,7 +395,7 @@ def terminal(results: dict) -> str:
         out += ["fused fprop / bare conv, 3x3 layers", table(h, t, markdown_=False), ""]
     h, t = memory_rows(results)
     if t:
-        out += ["saved for backward, MiB (ratio to torch.nn)", table(h, t, markdown_=False), ""]
+        out += ["saved for backward, MiB (ratio to torch.nn)", table(h, t, markdown_=False), MEMORY_NOTE, ""]
     h, t = e2e_summary_rows(results)
     if t:
         out += ["ResNet-18 end to end, images/s (speedup over eager)", table(h, t, markdown_=False), ""]

@@ -80,7 +80,8 @@ class Runner:
         self._states: dict = {}
         self.results = dict(
             schema=SCHEMA, env=collect(device), plan=plan.as_dict(),
-            tolerances={str(dt).replace("torch.", ""): bounds(dt, tf32=device.type == "cuda") for dt in DTYPES.values()},
+            tolerances={str(dt).replace("torch.", ""): bounds(dt, tf32=device.type == "cuda")
+                        for dt in DTYPES.values()},
             roofline=None, layers=[], memory=[], e2e=[], job_errors=[], skipped=[], complete=False, elapsed_s=0.0,
             jobs_total=0, jobs_done=0,
         )

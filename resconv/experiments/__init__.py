@@ -20,7 +20,7 @@ EXPERIMENTS = ("grad_norms", "degradation", "lesion")
 def add_parser(sub) -> None:
     p = sub.add_parser("experiment", help="plain vs residual, with and without BatchNorm: gradients, "
                                           "degradation, lesions", description=__doc__.split("\n\n")[0],
-                       formatter_class=_cmd.formatter)
+                       formatter_class=_cmd.HelpFormatter)
     exps = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for name in EXPERIMENTS:
         importlib.import_module(f"{__name__}.{name}").add_parser(exps)

@@ -2,17 +2,18 @@
 SGD training loop, accuracy, plotting."""
 from __future__ import annotations
 
+import resconv._app as _app
 import resconv._cmd as _cmd
 
 
 def add_data_options(p, image_size: int) -> None:
-    p.add_argument("--data", metavar="DIR", default=None,
+    p.add_argument("--data", metavar="DIR", type=_app.existing_dir, default=None,
                    help="CIFAR-10 folder (torchvision's cifar-10-batches-py); default: scikit-learn's digits")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=_app.positive_int, default=None,
                    help=f"input side in pixels (default: {image_size} for digits, whose originals are 8x8; "
                         "32 for CIFAR-10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data split and the batch order")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--limit", type=_app.positive_int, default=None, metavar="N",
                    help="use only the first N training and N test images (smoke runs; default: all)")
 
 
@@ -24,7 +25,7 @@ def load(args, default_size: int):
     import resconv.data as data
 
     if args.data:
-        xtr, ytr, xte, yte = data.cifar10(args.data)
+        xtr, ytr, xte, yte = data.cifar10(str(args.data))
         size, name = args.image_size or 32, "cifar10"
         if size != 32:
             xtr, xte = (F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -38,38 +39,28 @@ def load(args, default_size: int):
     return data.normalise(xtr, mean, std), ytr, data.normalise(xte, mean, std), yte, name
 
 
-def start(args, at_least_one=(), positive=(), batch_option=True):
-    """Check the options, resolve the device and backend, load the data.
+def start(args, batch_option=True):
+    """Check what argparse could not, resolve the device and backend, load the data.
 
     Args:
-        at_least_one: option names (``--steps``...) whose values must be >= 1.
-        positive: option names whose values must be > 0.
         batch_option: ``--batch-size`` must not exceed the training images.
     Returns:
-        ((x_train, y_train, x_test, y_test, dataset name), device, None), or (None, None, 2)
-        after printing the error line.
+        ((x_train, y_train, x_test, y_test, dataset name), torch.device, backend name).
+    Raises:
+        resconv._app.UsageError: naming the option.
     """
-    def value(opt):
-        return getattr(args, opt[2:].replace("-", "_"))
-
-    checks = [(opt, value(opt) >= 1, "at least 1") for opt in at_least_one]
-    checks += [(opt, value(opt) > 0, "positive") for opt in positive]
-    checks += [("--image-size", args.image_size is None or args.image_size >= 4, "at least 4"),
-               ("--limit", args.limit is None or args.limit >= 2, "at least 2")]
-    for opt, ok, what in checks:
-        if not ok:
-            return None, None, _cmd.error(args, f"{opt} must be {what}, got {value(opt)}")
-    device, err = _cmd.setup(args)
-    if err:
-        return None, None, err
+    if args.image_size is not None and args.image_size < 4:
+        raise _cmd.UsageError(f"--image-size: expected at least 4 (pixels), got {args.image_size}")
+    if args.limit is not None and args.limit < 2:
+        raise _cmd.UsageError(f"--limit: expected at least 2 (images), got {args.limit}")
+    device, backend = _cmd.setup(args, needs=("matplotlib",) if args.data else ("matplotlib", "sklearn"))
     try:
         loaded = load(args, 8)
     except FileNotFoundError as e:
-        return None, None, _cmd.error(args, str(e))
+        raise _cmd.UsageError(str(e)) from None
     if batch_option and args.batch_size > len(loaded[1]):
-        return None, None, _cmd.error(
-            args, f"--batch-size {args.batch_size}: more than the {len(loaded[1])} training images")
-    return loaded, device, None
+        raise _cmd.UsageError(f"--batch-size {args.batch_size}: more than the {len(loaded[1])} training images")
+    return loaded, device, backend
 
 
 def sgd(model, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4):

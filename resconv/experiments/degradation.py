@@ -11,6 +11,7 @@ decay 1e-4). The CPU default is a short run on digits; ``--full`` is He et al.'s
 """
 from __future__ import annotations
 
+import resconv._app as _app
 import resconv._cmd as _cmd
 
 from . import common
@@ -20,12 +21,12 @@ FULL = dict(steps=64_000, batch_size=128, milestones=(32_000, 48_000), image_siz
 
 def add_parser(exps) -> None:
     p = exps.add_parser("degradation", help="training error of plain vs residual nets at 20 and 56 layers",
-                        description=__doc__.split("\n\n")[0], formatter_class=_cmd.formatter)
+                        description=__doc__.split("\n\n")[0], formatter_class=_cmd.HelpFormatter)
     p.add_argument("--depths", type=int, nargs="+", default=[20, 56], help="depths (6n + 2) to compare")
-    p.add_argument("--steps", type=int, default=300, help="SGD steps per net")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1, help="learning rate (He et al.'s)")
-    p.add_argument("--evals", type=int, default=10, help="times the whole training and test sets are evaluated")
+    p.add_argument("--steps", type=_app.positive_int, default=300, help="SGD steps per net")
+    p.add_argument("--batch-size", type=_app.positive_int, default=64)
+    p.add_argument("--lr", type=_app.positive_float, default=0.1, help="learning rate (He et al.'s)")
+    p.add_argument("--evals", type=_app.positive_int, default=10, help="times the whole training and test sets are evaluated")
     p.add_argument("--full", action="store_true",
                    help="He et al.'s schedule: 64k steps of batch 128, lr /10 at 32k and 48k, 32x32 (a GPU's work)")
     common.add_data_options(p, image_size=8)
@@ -36,12 +37,10 @@ def add_parser(exps) -> None:
 def run(args) -> int:
     bad = [d for d in args.depths if d < 8 or (d - 2) % 6]
     if bad:
-        return _cmd.error(args, f"--depths: {bad[0]} is not of the form 6n + 2 (20, 32, 44, 56, 110)")
+        raise _cmd.UsageError(f"--depths: {bad[0]} is not of the form 6n + 2 (20, 32, 44, 56, 110)")
     if args.full:
         args.steps, args.batch_size, args.image_size = FULL["steps"], FULL["batch_size"], args.image_size or 32
-    data, device, err = common.start(args, ("--steps", "--batch-size", "--evals"), ("--lr",))
-    if err:
-        return err
+    data, device, backend = common.start(args)
     xtr, ytr, xte, yte, dataset = data
     import torch
 
@@ -55,7 +54,7 @@ def run(args) -> int:
         for plain in (True, False):
             name = f"{'plain' if plain else 'resnet'}-{depth}"
             torch.manual_seed(args.seed)
-            model = _cmd.set_backend(cifar_resnet(depth, plain=plain), args).to(device)
+            model = _cmd.set_backend(cifar_resnet(depth, plain=plain), backend).to(device)
             opt = common.sgd(model, args.lr)
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), 0.1)
             r = dict(depth=depth, plain=plain, step_loss=[], step_error=[], eval_steps=[], train_error=[],
@@ -88,7 +87,7 @@ def run(args) -> int:
                                          f"lr {args.lr} (He et al. 2016, fig. 1 / 6)")
     _cmd.write_json(out / "degradation.json", dict(dataset=dataset, image_size=xtr.shape[-1], steps=args.steps,
                                                    batch_size=args.batch_size, lr=args.lr, milestones=list(milestones),
-                                                   nets=runs, verdict=verdict, run=_cmd.run_info(args, device)))
+                                                   nets=runs, verdict=verdict, run=_cmd.run_info(args, device, backend)))
     _cmd.finish(out, ["degradation.png", "degradation.json"])
     return 0
 

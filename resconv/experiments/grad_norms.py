@@ -9,6 +9,7 @@ measures: nothing is assumed from a textbook.
 """
 from __future__ import annotations
 
+import resconv._app as _app
 import resconv._cmd as _cmd
 
 from . import common
@@ -18,10 +19,10 @@ NETS = (("plain", True), ("plain", False), ("residual", True), ("residual", Fals
 
 def add_parser(exps) -> None:
     p = exps.add_parser("grad-norms", help="per-layer gradient norms at initialisation: plain vs ResNet, +/- BN",
-                        description=__doc__.split("\n\n")[0], formatter_class=_cmd.formatter)
-    p.add_argument("--depth", type=int, default=50, help="weighted layers of each net (even, >= 4)")
-    p.add_argument("--width", type=int, default=64, help="channels of every conv")
-    p.add_argument("--batch-size", type=int, default=64, help="images in the batch")
+                        description=__doc__.split("\n\n")[0], formatter_class=_cmd.HelpFormatter)
+    p.add_argument("--depth", type=_app.positive_int, default=50, help="weighted layers of each net (even, >= 4)")
+    p.add_argument("--width", type=_app.positive_int, default=64, help="channels of every conv")
+    p.add_argument("--batch-size", type=_app.positive_int, default=64, help="images in the batch")
     p.add_argument("--init", choices=("default", "kaiming"), default="default",
                    help="conv weights: torch.nn.Conv2d's default (Kaiming-uniform, a=sqrt(5)) or N(0, 2/fan_out)")
     common.add_data_options(p, image_size=8)
@@ -43,10 +44,8 @@ def grad_norms(model, x, y) -> list[float]:
 
 def run(args) -> int:
     if args.depth < 4 or args.depth % 2:
-        return _cmd.error(args, f"--depth must be even and at least 4, got {args.depth}")
-    data, device, err = common.start(args, ("--width", "--batch-size"), batch_option=False)
-    if err:
-        return err
+        raise _cmd.UsageError(f"--depth must be even and at least 4, got {args.depth}")
+    data, device, backend = common.start(args, batch_option=False)
     xtr, ytr, _, _, dataset = data
     import torch
 
@@ -61,7 +60,7 @@ def run(args) -> int:
         torch.manual_seed(args.seed)
         build = plain_net if kind == "plain" else residual_net
         model = build(args.depth, args.width, batch_norm=bn, init=args.init)
-        norms = grad_norms(_cmd.set_backend(model, args).to(device), x, y)
+        norms = grad_norms(_cmd.set_backend(model, backend).to(device), x, y)
         convs = norms[:-1]
         results[f"{kind}{'' if bn else ' no BN'}"] = dict(
             block=kind, batch_norm=bn, norms=norms, first_over_last=convs[0] / convs[-1],
@@ -80,7 +79,7 @@ def run(args) -> int:
                                            f"({dataset}, batch {len(y)}, {args.init} init)")
     _cmd.write_json(out / "grad_norms.json", dict(dataset=dataset, depth=args.depth, width=args.width, init=args.init,
                                                   batch=len(y), image_size=x.shape[-1], nets=results,
-                                                  run=_cmd.run_info(args, device)))
+                                                  run=_cmd.run_info(args, device, backend)))
     _cmd.finish(out, ["grad_norms.png", "grad_norms.json"])
     return 0
 

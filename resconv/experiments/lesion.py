@@ -14,6 +14,7 @@ no shortcut and cannot be deleted. The CPU default trains for a few epochs on di
 """
 from __future__ import annotations
 
+import resconv._app as _app
 import resconv._cmd as _cmd
 
 from . import common
@@ -21,11 +22,11 @@ from . import common
 
 def add_parser(exps) -> None:
     p = exps.add_parser("lesion", help="test accuracy after deleting each block of a trained ResNet-18 / plain-18",
-                        description=__doc__.split("\n\n")[0], formatter_class=_cmd.formatter)
-    p.add_argument("--epochs", type=int, default=10, help="training epochs of each net")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine annealing to 0)")
-    p.add_argument("--width", type=int, default=64, help="filters of the first stage (then 2x, 4x, 8x)")
+                        description=__doc__.split("\n\n")[0], formatter_class=_cmd.HelpFormatter)
+    p.add_argument("--epochs", type=_app.positive_int, default=10, help="training epochs of each net")
+    p.add_argument("--batch-size", type=_app.positive_int, default=64)
+    p.add_argument("--lr", type=_app.positive_float, default=0.05, help="peak learning rate (cosine annealing to 0)")
+    p.add_argument("--width", type=_app.positive_int, default=64, help="filters of the first stage (then 2x, 4x, 8x)")
     p.add_argument("--full", action="store_true", help="30 epochs of batch 128 at 32x32 (a GPU's work)")
     common.add_data_options(p, image_size=8)
     _cmd.add_common(p, "experiment lesion")
@@ -76,9 +77,7 @@ def lesion(model, x, y, device) -> list[dict]:
 def run(args) -> int:
     if args.full:
         args.epochs, args.batch_size, args.image_size = 30, 128, args.image_size or 32
-    data, device, err = common.start(args, ("--epochs", "--batch-size", "--width"), ("--lr",))
-    if err:
-        return err
+    data, device, backend = common.start(args)
     xtr, ytr, xte, yte, dataset = data
     import torch
 
@@ -90,7 +89,7 @@ def run(args) -> int:
     widths = tuple(args.width * m for m in (1, 2, 4, 8))
     for name, block in (("ResNet-18", "residual"), ("plain-18", "plain")):
         torch.manual_seed(args.seed)
-        model = _cmd.set_backend(StagedNet(block, widths, (2, 2, 2, 2), init="kaiming"), args).to(device)
+        model = _cmd.set_backend(StagedNet(block, widths, (2, 2, 2, 2), init="kaiming"), backend).to(device)
         opt = common.sgd(model, args.lr, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         bar = _cmd.progress(steps, f"train {name}")
@@ -117,7 +116,7 @@ def run(args) -> int:
                                        "(Veit et al. 2016)")
     _cmd.write_json(out / "lesion.json", dict(dataset=dataset, image_size=xtr.shape[-1], epochs=args.epochs,
                                               steps=steps, batch_size=args.batch_size, lr=args.lr, nets=results,
-                                              run=_cmd.run_info(args, device)))
+                                              run=_cmd.run_info(args, device, backend)))
     _cmd.finish(out, ["lesion.png", "lesion.json"])
     return 0
 

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..nn import AddReLU, Conv2d, ConvBn2d, ConvBnReLU2d, ConvReLU2d
+from ..nn import AddReLU, Conv2d, ConvBnReLU2d, ConvReLU2d
 from .resnet import BasicBlock, _downsample
 
 Tensor = torch.Tensor

@@ -93,7 +93,7 @@ def resnet18_layers(variant: str = "imagenet", image_size: int | None = None) ->
     """Every distinct fused conv of ``resconv.models.resnet18(variant=variant)``, in network order.
 
     Args:
-        variant ('imagenet' or 'cifar').
+        variant (str): 'imagenet' or 'cifar'.
         image_size (int or None): input height and width; None: 224 (imagenet) or 32 (cifar).
     Returns:
         list of ConvLayer with ``count`` = occurrences in the model and ``names`` their modules.
@@ -111,6 +111,9 @@ def _trace_layers(variant: str, size: int) -> list[ConvLayer]:
     # Built on the CPU (0.4 s; initialising on "meta" goes through torch._refs, which
     # imports torch._dynamo: seconds), then moved to "meta": the forward costs nothing.
     model = resnet18(num_classes=NUM_CLASSES[variant], variant=variant).to("meta").eval()
+    for m in model.modules():  # shapes only: the reference runs on "meta", whatever RESCONV_BACKEND says
+        if isinstance(m, FUSED_CONV_BN):
+            m.backend = "torch"
     found: dict[tuple, ConvLayer] = {}
     first_name = None
 

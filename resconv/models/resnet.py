@@ -114,9 +114,9 @@ class ResNet(nn.Module):
     """ResNet with BasicBlocks, from resconv modules.
 
     Args:
-        layers: blocks per stage ([2, 2, 2, 2] for ResNet-18).
-        num_classes: size of the final linear layer.
-        variant: 'imagenet' (7x7 stride-2 stem + 3x3 max-pool, torchvision's keys) or
+        layers (sequence of 4 ints): blocks per stage ([2, 2, 2, 2] for ResNet-18).
+        num_classes (int): size of the final linear layer.
+        variant (str): 'imagenet' (7x7 stride-2 stem + 3x3 max-pool, torchvision's keys) or
             'cifar' (3x3 stride-1 stem, no max-pool).
     Input Tensor[N, 3, H, W] -> logits Tensor[N, num_classes].
     """

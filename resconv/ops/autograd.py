@@ -34,7 +34,8 @@ Tensor = torch.Tensor
 # Inputs every op of a family shares, in schema order (a backend's schema may append more,
 # e.g. the cuda ops' ``channels_last``; they get no gradient).
 FPROP_INPUTS = 11  # x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, allow_tf32
-TRAIN_INPUTS = 13  # x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu, allow_tf32
+# x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu, allow_tf32
+TRAIN_INPUTS = 13
 
 
 def register(kernels: Kernels, *, fprop: str, bn_train: str, add_relu: str) -> None:

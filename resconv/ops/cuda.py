@@ -291,6 +291,8 @@ class CudaBackend(KernelBackend):
             return f"dtype {dtype} is not supported (float16, bfloat16, float32)"
         if device.type != "cuda":
             return f"needs a CUDA tensor (the CUDA C++ kernels run on CUDA devices only), got a tensor on {device.type}"
+        if not torch.cuda.is_available():  # asked first: building the extension takes minutes
+            return "no usable CUDA device (torch.cuda.is_available() is False)"
         if self._load_reason is None:
             try:
                 ops()  # loads the extension, compiling it just in time on first use
