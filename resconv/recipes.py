@@ -155,7 +155,8 @@ def run_recipe(args, device, backend: str, backend_line: str) -> int:
           f"epoch: " + ", ".join(f"{a:.2%}" for a in history["test_accuracy"]))
     out = Path(args.out) if args.out else default_out("train")
     files = write_training_figures(model, test_tf(xte[:1])[0], xte[0], out,
-                                   f"ResNet-18, {dataset}, recipe {recipe.name}, epochs: {len(history['test_accuracy'])}")
+                                   f"ResNet-18, {dataset}, recipe {recipe.name}, epochs: {len(history['test_accuracy'])}",
+                                   grey=dataset == "digits")
     result = dict(dataset=dataset, recipe=asdict(recipe), flip=flip, mean=list(mean), std=list(std),
                   args={k: v for k, v in vars(args).items() if k != "func"}, steps=step, seconds=elapsed,
                   final_test_accuracy=acc, **history)

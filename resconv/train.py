@@ -286,7 +286,8 @@ def _write_figures(args, model, image, dataset) -> None:
 
     out = Path(args.out) if args.out else default_out("train")
     shown = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12)
-    for f in write_training_figures(model, image, shown, out, f"ResNet-18, {dataset}, one-cycle run"):
+    for f in write_training_figures(model, image, shown, out, f"ResNet-18, {dataset}, one-cycle run",
+                                    grey=dataset == "digits"):
         print(f"wrote {out / f}")
 
 

@@ -1,7 +1,8 @@
 """Pictures of what a trained network learned, written by ``resconv train`` after training:
 
 * ``filters.png``: the first conv layer's filters, one RGB tile each (every filter scaled to
-  [0, 1] on its own, as Krizhevsky et al. 2012, figure 3, show theirs);
+  [0, 1] on its own, as Krizhevsky et al. 2012, figure 3, show theirs); for grey images fed as
+  three equal channels (the digits) the sum over the channels, the filter the image meets;
 * ``feature_maps.png``: one real image and the activations it produces after the stem and
   after each stage (the most active channels of each).
 """
@@ -19,12 +20,14 @@ def _pyplot():
     return plt
 
 
-def plot_filters(weight, path: Path, title: str) -> None:
-    """weight (Tensor[K, C, R, S], C = 1 or 3) as a grid of K tiles."""
+def plot_filters(weight, path: Path, title: str, grey: bool = False) -> None:
+    """weight (Tensor[K, C, R, S], C = 1 or 3) as a grid of K tiles; ``grey``: the sum over C."""
     import math
 
     plt = _pyplot()
     w = weight.detach().float().cpu()
+    if grey:
+        w = w.sum(1, keepdim=True)
     K = w.shape[0]
     cols = math.ceil(math.sqrt(K))
     rows = math.ceil(K / cols)
@@ -95,18 +98,20 @@ def plot_feature_maps(image, maps, path: Path, title: str, channels: int = 8) ->
     plt.close(fig)
 
 
-def write_training_figures(model, image, shown, out: Path, label: str) -> list[str]:
+def write_training_figures(model, image, shown, out: Path, label: str, grey: bool = False) -> list[str]:
     """Both figures for a trained ``model`` into ``out``.
 
     Args:
         image (Tensor[C, H, W]): one test image as the model takes it (normalised).
         shown (Tensor[C, H, W]): the same image in [0, 1], for display.
         label (str): what was trained on what (figure titles).
+        grey (bool): the images are grey ones repeated over the channels (filters shown summed).
     Returns:
         the file names written.
     """
     out.mkdir(parents=True, exist_ok=True)
-    plot_filters(model.conv1.weight, out / "filters.png", f"first-layer filters after training ({label})")
+    plot_filters(model.conv1.weight, out / "filters.png", f"first-layer filters after training ({label})"
+                 + (", summed over the 3 equal input channels" if grey else ""), grey)
     plot_feature_maps(shown, stage_outputs(model, image), out / "feature_maps.png",
                       f"feature maps after the stem and each stage ({label}): the 8 most active channels")
     return ["filters.png", "feature_maps.png"]
