@@ -437,6 +437,10 @@ def _report(geo: _Geo, shape, size: tuple) -> ReceptiveField:
     return ReceptiveField(geo.size, geo.jump if geo.spatial else None, (clip(rows, H), clip(cols, W)))
 
 
+class _Reached(Exception):
+    """Ends a probe's forward pass at the layer being measured."""
+
+
 def _empirical(model: nn.Module, size: tuple, layer: Optional[str], device: torch.device,
                backend: Optional[str]) -> ReceptiveField:
     dtype = torch.float64 if backend == "torch" else torch.float32
@@ -460,12 +464,19 @@ def _empirical(model: nn.Module, size: tuple, layer: Optional[str], device: torc
     x = torch.ones(size[1:], dtype=dtype, device=device).unsqueeze(0).requires_grad_()
     found: list = []
     target = probe if layer is None else dict(probe.named_modules())[layer]
-    h = target.register_forward_hook(lambda m, a, o: found.append(o[0] if isinstance(o, (tuple, list)) else o))
+
+    def stop(m, a, o):  # the layer's output is all we need: skip the rest of the forward pass
+        found.append(o[0] if isinstance(o, (tuple, list)) else o)
+        raise _Reached
+
+    h = target.register_forward_hook(stop)
     try:
         probe(x)
+    except _Reached:
+        pass
     finally:
         h.remove()
-    out = found[-1]
+    out = found[0]
     if out.dim() != 4:
         raise ValueError(f"layer: the output of {layer or 'the model'} has no spatial grid (shape {tuple(out.shape)})")
     P, Q = out.shape[2:]

@@ -95,7 +95,7 @@ def test_summary(tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_summary_empirical(tmp_path, backend):
-    _ok(_run("summary", "resnet20", "--image-size", "16", "--depth", "1", "--empirical", "--backend", backend,
+    _ok(_run("summary", "resnet20", "--image-size", "8", "--depth", "1", "--empirical", "--backend", backend,
              "--device", "cpu", "--out", str(tmp_path)))
     checks = _json(tmp_path / "summary.json")["empirical"]
     assert len(checks) == 5 and all(c["agree"] for c in checks)  # conv1, layer1..3, avgpool
@@ -123,8 +123,8 @@ def test_demo_learn_filter(tmp_path, backend, extra):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_experiment_grad_norms(tmp_path, backend):
-    _ok(_run("experiment", "grad-norms", "--depth", "6", "--width", "4", "--batch-size", "4", "--backend", backend,
-             "--device", "cpu", "--out", str(tmp_path)))
+    _ok(_run("experiment", "grad-norms", "--depth", "6", "--width", "4", "--batch-size", "2", "--image-size", "4",
+             "--backend", backend, "--device", "cpu", "--out", str(tmp_path)))
     res = _json(tmp_path / "grad_norms.json")
     assert set(res["nets"]) == {"plain", "plain no BN", "residual", "residual no BN"}
     assert all(len(n["norms"]) == 6 and min(n["norms"]) > 0 for n in res["nets"].values())
