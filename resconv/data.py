@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+# scikit-image's photographs that ship inside the package (others are downloaded on first use)
+PHOTOS = ("astronaut", "camera", "cat", "chelsea", "clock", "coffee", "coins", "horse", "hubble_deep_field",
+          "immunohistochemistry", "logo", "moon", "page", "rocket", "text", "brick", "grass", "gravel")
 CLASSES = {"digits": [str(i) for i in range(10)],
            "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
 
@@ -73,24 +76,24 @@ def photo(name: str = "camera", size: int | None = None, grey: bool = False) -> 
     """A photograph as Tensor[C, H, W] float32 in [0, 1] (C = 1 for grey ones, else 3).
 
     Args:
-        name: a scikit-image data function (``camera``, ``astronaut``, ``coffee``,
-            ``chelsea``, ``coins``...) or ``china.jpg`` / ``flower.jpg`` (scikit-learn).
+        name: one of :data:`PHOTOS` (scikit-image's bundled photographs: ``camera``,
+            ``astronaut``, ``coffee``, ``chelsea``...) or ``china.jpg`` / ``flower.jpg``
+            (scikit-learn's).
         size (int or None): resize (antialiased, aspect kept by a centre crop) to size x size.
         grey (bool): convert a colour photo to grey (ITU-R 601 luma, skimage.color.rgb2gray).
     Raises:
         ValueError: an unknown name.
     """
-    if name.endswith(".jpg"):
+    if name in ("china.jpg", "flower.jpg"):
         from sklearn.datasets import load_sample_image
 
         img = load_sample_image(name)
-    else:
+    elif name in PHOTOS:
         import skimage.data
 
-        fn = getattr(skimage.data, name, None)
-        if fn is None or name.startswith("_") or not callable(fn):
-            raise ValueError(f"photo: {name!r} is not a scikit-image photograph (camera, astronaut, coffee, ...)")
-        img = fn()
+        img = getattr(skimage.data, name)()
+    else:
+        raise ValueError(f"photo: expected one of {PHOTOS + ('china.jpg', 'flower.jpg')}, got {name!r}")
     img = np.asarray(img)
     if grey and img.ndim == 3:
         from skimage.color import rgb2gray

@@ -68,6 +68,7 @@ def test_help_shows_defaults(command):
 
 @pytest.mark.parametrize("args, option", [
     (["demo", "filters", "--device", "cuda"], "--device cuda"),
+    (["demo", "filters", "--photo", "download_all"], "--photo download_all"),  # nothing is fetched
     (["experiment", "grad-norms", "--depth", "5"], "--depth"),
     (["experiment", "degradation", "--depths", "21"], "--depths"),
     (["summary", "resnet7"], "MODEL"),
