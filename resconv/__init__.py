@@ -5,7 +5,9 @@
 Public API: :mod:`resconv.functional` (ops, backend choice), :mod:`resconv.nn` (drop-in
 modules), :mod:`resconv.models` (ResNet-18), :func:`convert` / :func:`revert` (rewrite an
 existing model's conv/bn/relu patterns into fused modules and back), :mod:`resconv.reference`
-(the plain-PyTorch specification).
+(the plain-PyTorch specification), :func:`summary` / :func:`conv_output_size` /
+:func:`receptive_field` (what a network's layers do to their input: shapes, parameters, MACs,
+receptive fields; :mod:`resconv.model_summary`).
 
 Importing resconv registers every op of every backend (``torch.ops.resconv.*``: a graph
 compiled or exported in another process may call them first). That needs torch, and torch
@@ -35,6 +37,9 @@ _API = {
     "BackendUnavailableError": ("resconv.functional", "BackendUnavailableError"),
     "InvalidArgumentError": ("resconv._conv_args", "InvalidArgumentError"),
     "InvalidArgumentTypeError": ("resconv._conv_args", "InvalidArgumentTypeError"),
+    "summary": ("resconv.model_summary", "summary"),
+    "conv_output_size": ("resconv.model_summary", "conv_output_size"),
+    "receptive_field": ("resconv.model_summary", "receptive_field"),
 }
 
 __all__ = list(_API) + ["__version__"]

@@ -26,7 +26,7 @@ BACKEND_CHOICES = ("auto", "cuda", "triton", "torch")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 RESULTS_DIR = Path("resconv-results")  # relative to the working directory, never the package
 # Optional dependencies: import name -> the extra of resconv that installs it.
-EXTRAS = {"skimage": "data", "sklearn": "data", "matplotlib": "bench"}
+EXTRAS = {"skimage": "data", "sklearn": "data", "matplotlib": "bench", "torchvision": "learn"}
 PIP_NAMES = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
 
 

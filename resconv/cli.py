@@ -24,6 +24,9 @@ SUBCOMMANDS = (
     "resconv.train",
     "resconv.bench.cli",
     "resconv.build_cli",
+    "resconv.summary_cli",
+    "resconv.demo",
+    "resconv.experiments",
 )
 
 

@@ -7,7 +7,9 @@ What is rewritten (everything else is left as it is, and reported):
   :class:`resconv.models.resnet.BasicBlock` / ``Bottleneck`` with the same attribute names;
 * a torchvision ``ResNet`` stem (``conv1 -> bn1 -> relu`` called in that order by its forward);
 * inside any ``nn.Sequential``: ``Conv2d, BatchNorm2d[, ReLU]`` runs (torchvision's
-  ``Conv2dNormActivation`` included).
+  ``Conv2dNormActivation`` included), and ``Conv2d, ReLU`` (``inplace`` or not) where no
+  BatchNorm follows the conv (a plain CNN: :class:`~resconv.nn.ConvReLU2d`, the conv's bias
+  and the ReLU in its epilogue).
 
 These are the places where the conv's output provably reaches only its BatchNorm (and the
 BatchNorm's only the ReLU), so fusing cannot change results. A conv in a custom forward is
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .models.resnet import BasicBlock, Bottleneck
-from .nn import Conv2d, ConvBn2d, ConvBnReLU2d, FoldedBatchNorm2d, _ConvBnNd, _FusedBatchNormCheck
+from .nn import Conv2d, ConvBn2d, ConvBnReLU2d, ConvReLU2d, FoldedBatchNorm2d, _ConvBnNd, _FusedBatchNormCheck
 
 
 class FoldedReLU(nn.Identity):
@@ -155,11 +157,11 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, report: ConvertReport) 
     i = 0
     while i < len(keys):
         conv = seq._modules[keys[i]]
-        bn = seq._modules[keys[i + 1]] if i + 1 < len(keys) else None
-        if _plain_conv(conv) and bn is not None and _plain_bn(bn, conv.out_channels):
+        nxt = seq._modules[keys[i + 1]] if i + 1 < len(keys) else None
+        if _plain_conv(conv) and nxt is not None and _plain_bn(nxt, conv.out_channels):
             relu = seq._modules[keys[i + 2]] if i + 2 < len(keys) else None
             with_relu = relu is not None and _is_plain_relu(relu)
-            folded = FoldedBatchNorm2d.sharing(bn)
+            folded = FoldedBatchNorm2d.sharing(nxt)
             cls = ConvBnReLU2d if with_relu else ConvBn2d
             seq._modules[keys[i]] = _fuse_marked(cls, conv, folded)._bind_bn_owner(seq)
             seq._modules[keys[i + 1]] = folded
@@ -168,8 +170,16 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, report: ConvertReport) 
             report.fused.append((_join(prefix, keys[i]), "conv-bn-relu" if with_relu else "conv-bn"))
             i += 3 if with_relu else 2
             continue
+        if _plain_conv(conv) and nxt is not None and _is_plain_relu(nxt):  # no BatchNorm: conv + ReLU
+            fused = ConvReLU2d.from_modules(conv)
+            object.__setattr__(fused, "original", conv)  # the module revert() puts back
+            seq._modules[keys[i]] = fused
+            seq._modules[keys[i + 1]] = FoldedReLU.replacing(nxt)
+            report.fused.append((_join(prefix, keys[i]), "conv-relu"))
+            i += 2
+            continue
         if _plain_conv(conv):
-            report.left.append((_join(prefix, keys[i]), "conv not followed by a BatchNorm2d of its channels"))
+            report.left.append((_join(prefix, keys[i]), "conv not followed by a BatchNorm2d of its channels or a ReLU"))
         i += 1
 
 
@@ -198,7 +208,7 @@ def _restore_bn(folded: FoldedBatchNorm2d) -> nn.BatchNorm2d:
     return bn
 
 
-def _restore_conv(fused: _ConvBnNd, conv: nn.Conv2d) -> nn.Conv2d:
+def _restore_conv(fused: Conv2d, conv: nn.Conv2d) -> nn.Conv2d:
     conv.register_parameter("weight", fused.weight)
     conv.register_parameter("bias", fused.bias)
     conv.train(fused.training)
@@ -224,7 +234,7 @@ def _revert(module: nn.Module) -> None:
                 orig.downsample._modules["1"] = _restore_bn(child.downsample[1])
             orig.train(child.training)
             module._modules[name] = orig
-        elif isinstance(child, _ConvBnNd):
+        elif isinstance(child, (_ConvBnNd, ConvReLU2d)):
             module._modules[name] = _restore_conv(child, orig)
         elif isinstance(child, FoldedBatchNorm2d):
             module._modules[name] = _restore_bn(child)

@@ -9,6 +9,8 @@
   In training mode BatchNorm uses batch statistics and updates the running ones exactly as
   ``torch.nn.BatchNorm2d``; in eval mode it is folded into the conv epilogue (the fold is
   cached and recomputed when a parameter or buffer changes).
+* :class:`ConvReLU2d` — a conv whose ReLU runs in its epilogue (no BatchNorm), named like
+  ``torch.ao.nn.intrinsic.qat.ConvReLU2d``.
 * :class:`AddReLU` — ``relu(x + residual)`` for skip connections not fused into a conv.
 
 Which backend runs is chosen per call by resconv.functional (``backend`` attribute of a
@@ -81,6 +83,40 @@ class Conv2d(nn.Conv2d):
             cache = (key, weight.detach().contiguous(memory_format=torch.channels_last))
             self.__dict__["_packed_cache"] = cache
         return cache[1]
+
+
+class ConvReLU2d(Conv2d):
+    """``relu(conv2d(input, weight) + bias)`` with the ReLU in the conv's epilogue: one op.
+
+    The name and layout of ``torch.ao.nn.intrinsic.qat.ConvReLU2d``: the module *is* the
+    conv (``torch.nn.Conv2d``'s constructor, ``bias=True`` by default; keys ``weight``,
+    ``bias``). Input Tensor[N, C, H, W] (or [C, H, W]) -> Tensor[N, K, P, Q], in the input's
+    dtype and the memory format torch gives; errors as :func:`resconv.functional.conv2d`.
+    """
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d) -> "ConvReLU2d":
+        """A ConvReLU2d sharing (not copying) ``conv``'s Parameters: the conv followed by a ReLU.
+
+        Raises:
+            TypeError: ``conv`` is not a torch.nn.Conv2d.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv: expected a torch.nn.Conv2d, got {type(conv).__name__}")
+        self = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                   conv.groups, conv.bias is not None, conv.padding_mode, device="meta")  # meta: no storage
+        self.weight = conv.weight
+        self.register_parameter("bias", conv.bias)
+        self.backend = getattr(conv, "backend", None)
+        self.allow_tf32 = getattr(conv, "allow_tf32", None)
+        self.train(conv.training)
+        return self
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return RF.conv2d(
+            input, self._packed_weight(weight, input), bias, self.stride, self.padding, self.dilation, self.groups,
+            padding_mode=self.padding_mode, relu=True, allow_tf32=self.allow_tf32, backend=self.backend,
+        )
 
 
 class _ConvBnNd(Conv2d):

@@ -30,13 +30,16 @@ import os
 import pickle
 import sys
 import time
+from pathlib import Path
+
+from .recipes import RECIPES
 
 DIGITS_ACCURACY_TARGET = 0.95
 MAX_ACCURACY_GAP = 0.02  # |acc_resconv - acc_torch| allowed by --compare
 
 
 def add_parser(sub) -> None:
-    from ._app import HelpFormatter, add_device_backend, existing_dir, nonnegative_float, nonnegative_int, \
+    from ._app import HelpFormatter, add_device_backend, add_out, existing_dir, nonnegative_float, nonnegative_int, \
         positive_float, positive_int
 
     p = sub.add_parser("train", help="train ResNet-18 (CIFAR variant) on digits or CIFAR-10, optionally vs torch.nn",
@@ -47,11 +50,19 @@ def add_parser(sub) -> None:
     add_device_backend(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="autocast dtype for the forward/backward (float32: IEEE)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: 3 on digits, 10 on CIFAR-10)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="training images per step")
-    p.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--momentum", type=nonnegative_float, default=0.9, help="SGD (Nesterov) momentum")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="epochs (default: 3 on digits, 10 on CIFAR-10; with --recipe, the recipe's: 200)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="training images per step (default: 64; with --recipe, the recipe's: 128)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate of the one-cycle schedule (default: 0.05; with --recipe, the recipe's "
+                        "initial rate: 0.1)")
+    p.add_argument("--momentum", type=nonnegative_float, default=0.9, help="SGD momentum (Nesterov without --recipe)")
     p.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="SGD weight decay (L2)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="a published recipe instead of the quick one-cycle run (resconv/recipes.py): cifar10 = "
+                        "ResNet-18's CIFAR-10 recipe, crop + flip, batch 128, SGD lr 0.1, cosine, 200 epochs")
+    add_out(p, "train")
     p.add_argument("--compare", action="store_true", help="also train torch.nn's ResNet-18 from the same start")
     p.add_argument("--check-steps", type=nonnegative_int, default=5,
                    help="with --compare: the first N steps are also run by torch.nn in float64 and checked")
@@ -187,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--image-size: expected at least 4 (pixels), got {args.image_size}")
     if not args.data:
         require("sklearn", what="resconv train on the digits (no --data)")
+    require("matplotlib", what="resconv train's filter and feature-map PNGs")
+    if args.recipe:
+        require("torchvision", what=f"--recipe {args.recipe} (its augmentation: torchvision.transforms.v2)")
     # The Triton interpreter only where Triton is asked for by name: auto on the CPU is torch.
     device_name = prepare_device(args.device, triton_may_run=requested_backend(args.backend)[0] == "triton")
     import torch
@@ -198,6 +212,11 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     backend, backend_line = resolve_backend(args.backend, device_name, dtype)
     torch.manual_seed(args.seed)
+    from .recipes import fill_defaults, run_recipe
+
+    if args.recipe:
+        return run_recipe(args, device, backend, backend_line)
+    fill_defaults(args)
     if args.data:
         try:
             xtr, ytr, xte, yte = load_cifar10(str(args.data))
@@ -256,7 +275,20 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     elapsed = time.perf_counter() - t0
     acc = {name: tr.accuracy(xte, yte, desc=f"test {name}") for name, tr in runs.items()}
+    _write_figures(args, model, xte[0], dataset)
     return _report(args, runs, acc, elapsed, dataset, dtype, T, fp64.losses if args.compare else None)
+
+
+def _write_figures(args, model, image, dataset) -> None:
+    """The first-layer filters and one test image's feature maps (resconv.train_figures)."""
+    from ._app import default_out
+    from .train_figures import write_training_figures
+
+    out = Path(args.out) if args.out else default_out("train")
+    shown = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12)
+    for f in write_training_figures(model, image, shown, out, f"ResNet-18, {dataset}, one-cycle run",
+                                    grey=dataset == "digits"):
+        print(f"wrote {out / f}")
 
 
 def _report(args, runs, acc, elapsed, dataset, dtype, T, losses64) -> int:

@@ -23,7 +23,7 @@ def _run(*args, timeout=3600):
 def test_help_lists_every_subcommand():
     r = _run("--help", timeout=120)
     assert r.returncode == 0, r.stderr
-    for name in ("verify", "train", "bench", "build"):
+    for name in ("verify", "train", "bench", "build", "summary", "demo", "experiment"):
         assert name in r.stdout
 
 
@@ -65,7 +65,7 @@ TRAIN_SMOKE = {
 def test_train_compare_few_steps(tmp_path, backend):
     out = tmp_path / "train.json"
     r = _run("train", "--device", "cpu", "--backend", backend, "--compare", *TRAIN_SMOKE[backend],
-             "--json", str(out))
+             "--json", str(out), "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.read_text())
     steps = int(TRAIN_SMOKE[backend][1])
@@ -74,3 +74,4 @@ def test_train_compare_few_steps(tmp_path, backend):
     assert len(res["losses"]["torch.nn-float64"]) == steps  # the first --check-steps, in float64
     assert res["passed"] and "PASS" in r.stdout
     assert res["args"]["backend"] == backend
+    assert (tmp_path / "filters.png").stat().st_size > 0 and (tmp_path / "feature_maps.png").stat().st_size > 0

@@ -164,8 +164,9 @@ def test_folder_without_cifar(tmp_path):
 
 
 # 7. auto on the CPU is torch, and runs the plain ATen sequence --------------------------------
-def test_auto_on_cpu_resolves_to_torch_and_says_so():
-    r = run("train", "--max-steps", "1", "--image-size", "8", "--eval-images", "4", "--batch-size", "8")
+def test_auto_on_cpu_resolves_to_torch_and_says_so(tmp_path):
+    r = run("train", "--max-steps", "1", "--image-size", "8", "--eval-images", "4", "--batch-size", "8",
+            "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "backend=auto -> torch (no GPU)" in r.stdout
 
@@ -266,7 +267,7 @@ def test_every_option_has_help_with_its_default(command):
 def test_train_says_nothing_was_checked(tmp_path):
     out = tmp_path / "t.json"
     r = run("train", "--max-steps", "1", "--image-size", "8", "--eval-images", "4", "--batch-size", "8",
-            "--json", str(out))
+            "--json", str(out), "--out", str(tmp_path / "figures"))
     assert r.returncode == 0, r.stderr
     assert "PASS" not in r.stdout and "nothing checked" in r.stdout
     assert "1 of the 540 steps of 3 epochs (--max-steps)" in r.stdout  # 1437 images / batch 8 = 180 a epoch

@@ -2,7 +2,8 @@
 read from the source with ``ast``: every import, module-level or inside a function, counts.
 
 * no import cycle anywhere in resconv;
-* layers import downwards only: cli -> apps (verify, train, bench) -> models / convert ->
+* layers import downwards only: cli -> apps (verify, train, bench, summary_cli, demo,
+  experiments) -> models / convert / model_summary ->
   nn -> functional -> ops -> {reference, _conv_args, tolerances, build, triton_kernels};
   the apps never import resconv.ops;
 * modules import each other directly (``from .x import name``, ``import resconv.x as y``),
@@ -30,12 +31,15 @@ LAYERS = [
     ("resconv.ops", 2),
     ("resconv.functional", 3),
     ("resconv.nn", 4),
-    ("resconv.models", 5), ("resconv.convert", 5),
+    ("resconv.models", 5), ("resconv.convert", 5), ("resconv.model_summary", 5),
     ("resconv._app", 6), ("resconv.verify", 6), ("resconv.train", 6), ("resconv.bench", 6), ("resconv.build_cli", 6),
+    ("resconv._cmd", 6), ("resconv.summary_cli", 6), ("resconv.demo", 6), ("resconv.experiments", 6),
+    ("resconv.recipes", 6), ("resconv.train_figures", 6), ("resconv.data", 6),
     ("resconv.cli", 7), ("resconv.__main__", 7), ("resconv", 8),
 ]
 APPS = ("resconv._app", "resconv.verify", "resconv.train", "resconv.bench", "resconv.build_cli", "resconv.cli",
-        "resconv.__main__")
+        "resconv.__main__", "resconv._cmd", "resconv.summary_cli", "resconv.demo", "resconv.experiments",
+        "resconv.recipes", "resconv.train_figures", "resconv.data")
 
 
 def _modules() -> dict[str, Path]:

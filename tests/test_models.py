@@ -170,15 +170,16 @@ def test_convert_sequential_patterns_and_report():
     seq = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
         nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8),
-        nn.Conv2d(8, 4, 3), nn.ReLU(),  # no BatchNorm: left alone
+        nn.Conv2d(8, 4, 3), nn.ReLU(),  # no BatchNorm: conv + ReLU
         nn.Conv2d(4, 4, 3), nn.BatchNorm2d(5 - 1 + 0),  # same channels: fused
+        nn.Conv2d(4, 4, 1), nn.MaxPool2d(2),  # neither: left alone
     )
     randomise_bn(seq)
     ref = copy.deepcopy(seq).double().eval()
     keys = list(seq.state_dict())
     _, report = resconv.convert(seq, return_report=True)
-    assert [k for _, k in report.fused] == ["conv-bn-relu", "conv-bn", "conv-bn"]
-    assert [p for p, _ in report.left] == ["5"]
+    assert [k for _, k in report.fused] == ["conv-bn-relu", "conv-bn", "conv-relu", "conv-bn"]
+    assert [p for p, _ in report.left] == ["9"]
     assert list(seq.state_dict()) == keys
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
