@@ -14,6 +14,7 @@ SUBCOMMANDS = (
     "resconv.verify",
     "resconv.train",
     "resconv.bench.cli",
+    "resconv.bench.inspect_cli",
     "resconv.build",
 )
 
