@@ -21,7 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import stem
 from ._common import INTERPRET, check_device, dense_like, new_empty
+from ._index import (
+    as_row_tile, axis_bits, divmod_magic, fast_divmod, needs_int64, tap_bits, tap_bits_fit, wide,
+)
 
 # Smallest BLOCK_M of any configuration below: sizes the per-tile statistics buffers before
 # the autotuner has picked a configuration (the launcher then keeps the rows it wrote).
@@ -29,19 +33,18 @@ MIN_BLOCK_M = 64
 
 # Under the interpreter one small fixed configuration (still valid on a GPU: every tl.dot
 # dimension >= 16, powers of two); on the GPU the autotuner picks per shape.
-_INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4)
+_INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=4)
 
 
 def _gpu_configs():
+    # No tile whose sm_90 build spills (128x128 on 4 warps, 128x256 and 256x128 on 8: resconv inspect).
     cfgs = []
     for bm, bn, bk, warps, stages in [
         (128, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
         (64, 64, 64, 4, 4),
+        (128, 64, 32, 4, 3),  # the stem path's 32-wide tap runs
         (64, 64, 32, 4, 5),
         (64, 32, 32, 4, 4),
         (64, 16, 32, 2, 4),
@@ -53,18 +56,22 @@ def _gpu_configs():
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far wider than the problem (tiny Kg or reduction): they only waste work."""
+    """Drop tiles far wider than the problem (tiny Kg or reduction): they only waste work;
+    and tiles narrower than 64 where the problem is that wide (small tensor-core
+    instructions, more index math per product)."""
     kg = named_args["Kg"]
     red = named_args["Cg"] * named_args["R"] * named_args["S"] if kwargs.get("FLAT_K") else named_args["Cg"]
     max_bn = max(16, triton.next_power_of_2(kg))
     max_bk = max(16, triton.next_power_of_2(red))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max_bn and c.kwargs["BLOCK_K"] <= max_bk]
+    min_bn = min(64, max_bn)
+    kept = [c for c in configs if min_bn <= c.kwargs["BLOCK_N"] <= max_bn and c.kwargs["BLOCK_K"] <= max_bk]
     return kept or configs[-1:]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "H", "W", "P", "Q", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+                               "q_mul", "q_shift", "p_mul", "p_shift"])
 def _conv2d_fprop_kernel(
-    x_ptr,  # [N, C, H, W] input, strides sx*
+    x_ptr,  # [N, C, H, W] input, strides sx* (channels may overlap: the stem's packed view)
     w_ptr,  # [K, C/groups, R, S] filters, strides sw*
     out_ptr,  # [N, K, P, Q] output, strides so*
     scale_ptr,  # [K] fp32 (HAS_SCALE)
@@ -75,6 +82,7 @@ def _conv2d_fprop_kernel(
     m2_ptr,  # [T, K] fp32 per-tile channel M2 of y (STATS)
     M, K, H, W, P, Q, Cg, Kg, R, S,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    q_mul, q_shift, p_mul, p_shift,  # divmod_magic(Q), divmod_magic(P)
     sxn, sxc, sxh, sxw,
     swk, swc, swr, sws,
     son, sok, sop, soq,
@@ -84,7 +92,16 @@ def _conv2d_fprop_kernel(
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
     STATS: tl.constexpr,
-    FLAT_K: tl.constexpr,  # reduce over (r, s, c) flattened: for small C/groups (e.g. the RGB stem)
+    FLAT_K: tl.constexpr,  # reduce over (r, s, c) flattened: few channels per group (depthwise)
+    TAP_MASK: tl.constexpr,  # some padding: taps may fall outside the image (without, none can)
+    TAP_BITS: tl.constexpr,  # R*S <= 32: per-row tap masks precomputed as bits
+    IDX64: tl.constexpr,  # 64-bit element offsets (a tensor reaches 2**31 elements)
+    X_ALIGN: tl.constexpr,  # every x row offset and tap step is a multiple of this (elements)
+    W_ALIGN: tl.constexpr,  # every filter column offset and tap step is a multiple of this
+    EVEN_C: tl.constexpr,  # BLOCK_K divides C/groups: no channel mask (a heuristic of the config)
+    EVEN_M: tl.constexpr,  # BLOCK_M divides N*P*Q: no row tail (a heuristic of the config)
+    OUT_LINEAR: tl.constexpr,  # out dense NHWC: a row's offset is its index times soq
+    RES_LINEAR: tl.constexpr,  # residual dense NHWC (HAS_RES)
     PRECISION: tl.constexpr,  # tl.dot input_precision: "tf32" or "ieee"
     DOT_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, so multiply exact fp32 copies
     BLOCK_M: tl.constexpr,
@@ -105,23 +122,20 @@ def _conv2d_fprop_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    q = offs_m % Q
-    t = offs_m // Q
-    p = t % P
-    n = t // P
+    t, q = fast_divmod(offs_m, Q, q_mul, q_shift)
+    n, p = fast_divmod(t, P, p_mul, p_shift)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < Kg
     k_glob = grp * Kg + offs_n
 
     ih0 = p * stride_h - pad_h
     iw0 = q * stride_w - pad_w
-    # 64-bit row bases: a batch can exceed 2^31 elements.
-    x_row = n.to(tl.int64) * sxn + (grp * Cg).to(tl.int64) * sxc
-    w_col = k_glob.to(tl.int64) * swk
     offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
+        x_row = wide(n, IDX64) * sxn + wide(grp * Cg, IDX64) * sxc
+        w_col = wide(k_glob, IDX64) * swk
         KT = Cg * R * S
         for k0 in range(0, KT, BLOCK_K):
             kk = k0 + offs_k
@@ -133,36 +147,69 @@ def _conv2d_fprop_kernel(
             ih = ih0[:, None] + (r * dil_h)[None, :]
             iw = iw0[:, None] + (s * dil_w)[None, :]
             a_mask = (m_mask[:, None] & k_mask[None, :]) & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-            a_off = x_row[:, None] + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw + (c * sxc)[None, :]
+            a_off = x_row[:, None] + wide(ih, IDX64) * sxh + wide(iw, IDX64) * sxw + wide(c * sxc, IDX64)[None, :]
             a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
-            b_off = w_col[None, :] + (c * swc + r * swr + s * sws)[:, None]
+            b_off = w_col[None, :] + wide(c * swc + r * swr + s * sws, IDX64)[:, None]
             b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if DOT_FP32:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     else:
-        # One (r, s) tap and one chunk of channels per step: the row masks are 1-D and the
-        # loads are contiguous along C. A single flat loop lets Triton pipeline it.
+        # One (r, s) tap and one chunk of channels per step, in one flat loop (Triton pipelines
+        # it). Everything per row is computed once, here: the offset of tap (0, 0) (it may lie
+        # in the padding: it is only read under the tap's mask) and, with TAP_BITS, which taps
+        # fall inside the image. A step adds a scalar offset to the rows and ANDs one bit.
+        x_row = tl.multiple_of(wide(n, IDX64) * sxn + wide(ih0, IDX64) * sxh + wide(iw0, IDX64) * sxw
+                               + wide(grp * Cg, IDX64) * sxc, X_ALIGN)
+        a_offs = x_row[:, None] + (offs_k * sxc)[None, :]
+        b_offs = tl.multiple_of(wide(k_glob, IDX64) * swk, W_ALIGN)[None, :] + (offs_k * swc)[:, None]
+        if TAP_MASK and TAP_BITS:
+            rows_ok = tap_bits(axis_bits(ih0, dil_h, R, H), axis_bits(iw0, dil_w, S, W), R, S)
+            rows_ok = as_row_tile(tl.where(m_mask, rows_ok, 0), offs_k, Cg, BLOCK_K)
+        elif not TAP_MASK:
+            rows_ok = as_row_tile(m_mask.to(tl.int32), offs_k, Cg, BLOCK_K) != 0
         n_cb = tl.cdiv(Cg, BLOCK_K)
-        for it in range(0, R * S * n_cb):
-            cb = it % n_cb
-            rs = it // n_cb
-            r = rs // S
-            s = rs % S
-            ih = ih0 + r * dil_h
-            iw = iw0 + s * dil_w
-            row_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            row_off = x_row + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            c = cb * BLOCK_K + offs_k
-            c_mask = c < Cg
-            a = tl.load(x_ptr + row_off[:, None] + (c * sxc)[None, :], mask=row_mask[:, None] & c_mask[None, :], other=0.0)
-            b_off = w_col[None, :] + (c * swc + r * swr + s * sws)[:, None]
-            b = tl.load(w_ptr + b_off, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+        r = 0
+        s = 0
+        cb = 0
+        bit = 1
+        for _ in range(0, R * S * n_cb):
+            x_step = tl.multiple_of(wide(r * dil_h, IDX64) * sxh + wide(s * dil_w, IDX64) * sxw
+                                    + wide(cb * BLOCK_K, IDX64) * sxc, X_ALIGN)
+            w_step = tl.multiple_of(wide(r, IDX64) * swr + wide(s, IDX64) * sws + wide(cb * BLOCK_K, IDX64) * swc,
+                                    W_ALIGN)
+            if not TAP_MASK:  # no padding: every tap reads inside the image
+                a_mask = rows_ok
+            elif TAP_BITS:
+                a_mask = (rows_ok & bit) != 0
+            else:
+                ih = ih0 + r * dil_h
+                iw = iw0 + s * dil_w
+                a_mask = (m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+            if EVEN_C and EVEN_M and not TAP_MASK:
+                a = tl.load(x_ptr + x_step + a_offs)
+                b = tl.load(w_ptr + w_step + b_offs, mask=n_mask[None, :], other=0.0)
+            elif EVEN_C:
+                a = tl.load(x_ptr + x_step + a_offs, mask=a_mask, other=0.0)
+                b = tl.load(w_ptr + w_step + b_offs, mask=n_mask[None, :], other=0.0)
+            else:
+                c_ok = cb * BLOCK_K + offs_k < Cg
+                a = tl.load(x_ptr + x_step + a_offs, mask=a_mask & c_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + w_step + b_offs, mask=c_ok[:, None] & n_mask[None, :], other=0.0)
             if DOT_FP32:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            # next (r, s, channel block) without a division: cb fastest, then s, then r
+            cb += 1
+            next_tap = cb == n_cb
+            cb = tl.where(next_tap, 0, cb)
+            s = tl.where(next_tap, s + 1, s)
+            bit = tl.where(next_tap, bit << 1, bit)
+            next_row = s == S
+            s = tl.where(next_row, 0, s)
+            r = tl.where(next_row, r + 1, r)
 
     # ---- epilogue, all in fp32 on the accumulator ----
     y = acc
@@ -188,28 +235,54 @@ def _conv2d_fprop_kernel(
             if grp == 0:
                 tl.store(cnt_ptr + pid_m, rows_f)
 
-    n64 = n.to(tl.int64)
+    kw = wide(k_glob, IDX64)
     o_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RES:
-        r_off = (n64 * srn + p.to(tl.int64) * srp + q.to(tl.int64) * srq)[:, None] + (k_glob.to(tl.int64) * srk)[None, :]
-        y = y + tl.load(res_ptr + r_off, mask=o_mask, other=0.0).to(tl.float32)
+        if RES_LINEAR:  # dense NHWC: the (n, p, q) offset is the row's index times the pixel stride
+            r_row = wide(offs_m, IDX64) * srq
+        else:
+            r_row = wide(n, IDX64) * srn + wide(p, IDX64) * srp + wide(q, IDX64) * srq
+        y = y + tl.load(res_ptr + r_row[:, None] + (kw * srk)[None, :], mask=o_mask, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum: NaN must pass through, as torch.relu does
-    o_off = (n64 * son + p.to(tl.int64) * sop + q.to(tl.int64) * soq)[:, None] + (k_glob.to(tl.int64) * sok)[None, :]
-    tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=o_mask)
+        # NaN must pass through, as torch.relu does: max.NaN, not max
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if OUT_LINEAR:
+        o_row = wide(offs_m, IDX64) * soq
+    else:
+        o_row = wide(n, IDX64) * son + wide(p, IDX64) * sop + wide(q, IDX64) * soq
+    tl.store(out_ptr + o_row[:, None] + (kw * sok)[None, :], y.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
+_conv2d_fprop = triton.heuristics({
+    "EVEN_C": lambda a: a["Cg"] % a["BLOCK_K"] == 0,
+    "EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0,
+})(_conv2d_fprop_kernel)
 _conv2d_fprop_autotuned = triton.autotune(
     configs=_gpu_configs(),
     key=["M", "Kg", "Cg", "R", "S", "stride_h", "stride_w", "H", "W", "FLAT_K", "STATS", "HAS_RES"],
     prune_configs_by={"early_config_prune": _prune_configs},
-)(_conv2d_fprop_kernel)
+)(_conv2d_fprop)
 
 
 def use_flat_k(cg: int) -> bool:
     """Flatten (r, s, c) into one reduction index when channels per group are too few to
-    fill a 16-wide reduction tile (e.g. the 3-channel RGB stem, depthwise convs)."""
+    fill a 16-wide reduction tile (depthwise convs; small-C convs off the stem path)."""
     return cg < 16
+
+
+def _nhwc_rows(t: torch.Tensor) -> bool:
+    """Whether t[n, :, p, q] starts at ((n*P + p)*Q + q) * t.stride(3): NHWC-dense pixels."""
+    _, _, P, Q = t.shape
+    return t.stride(2) == Q * t.stride(3) and t.stride(0) == P * t.stride(2)
+
+
+def pow2_alignment(*values: int, cap: int = 16) -> int:
+    """Largest power of two <= cap dividing every value (zeros divide by anything)."""
+    a = cap
+    for v in values:
+        while v % a:
+            a //= 2
+    return a
 
 
 def conv2d_fprop(
@@ -232,7 +305,8 @@ def conv2d_fprop(
     """Launch the fused fprop kernel.
 
     Args:
-        x (Tensor[N, C, H, W]): fp16/bf16/fp32; made channels-last-dense if it is not.
+        x (Tensor[N, C, H, W]): fp16/bf16/fp32; made channels-last-dense if it is not (with
+            C <= 4, packed for the stem path instead: :mod:`.stem`).
         weight (Tensor[K, C/groups, R, S]): x's dtype; made channels-last-dense (K R S C) if not.
         stride, padding (top, bottom, left, right), dilation, groups: normalised geometry.
         out_shape: (N, K, P, Q).
@@ -262,9 +336,18 @@ def conv2d_fprop(
         m2 = new_empty((T, K), torch.float32, x.device)
     if M == 0:
         return (out, cnt[:0], mean[:0], m2[:0]) if stats else out
+    if M >= 2**31:
+        raise ValueError(f"input: N*P*Q = {M} output pixels, expected fewer than 2**31")
 
-    x = dense_like(x, torch.channels_last)
-    weight = dense_like(weight, torch.channels_last)
+    sp = stem.s_pad(x.shape[1], S, groups, dilation[1])
+    if sp is not None:  # the stem path: an R x 1 conv over the packed input's tap runs
+        x = stem.pack_input(x, padding, S, sp)
+        weight = stem.pack_weight(weight, sp)
+        Cg, S = weight.shape[1], 1
+        padding, dilation = (0, 0, 0, 0), (dilation[0], 1)
+    else:
+        x = dense_like(x, torch.channels_last)
+        weight = dense_like(weight, torch.channels_last)
     f32 = lambda v: None if v is None else v.to(torch.float32).contiguous()  # noqa: E731
     scale, shift = f32(scale), f32(shift)
     if residual is not None and not residual.is_contiguous(memory_format=out_memory_format):
@@ -273,6 +356,13 @@ def conv2d_fprop(
     res = residual if residual is not None else dummy
     precision = "tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee"
     flat_k = use_flat_k(Cg)
+    sxn, sxc, sxh, sxw = x.stride()
+    swk, swc, swr, sws = weight.stride()
+    # Row offsets and tap steps are sums of these: their common power of two is what the
+    # compiler may assume for vector loads.
+    x_align = pow2_alignment(sxn, stride[0] * sxh, padding[0] * sxh, stride[1] * sxw, padding[2] * sxw,
+                             dilation[0] * sxh * (R > 1), dilation[1] * sxw * (S > 1), Cg * sxc * (groups > 1))
+    w_align = pow2_alignment(swk, swr * (R > 1), sws * (S > 1))
     args = (
         x, weight, out,
         scale if scale is not None else dummy,
@@ -283,7 +373,8 @@ def conv2d_fprop(
         m2 if stats else dummy,
         M, K, x.shape[2], x.shape[3], P, Q, Cg, Kg, R, S,
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        *x.stride(), *weight.stride(), *out.stride(), *res.stride(),
+        *divmod_magic(Q), *divmod_magic(P),
+        sxn, sxc, sxh, sxw, swk, swc, swr, sws, *out.stride(), *res.stride(),
     )
     flags = dict(
         HAS_SCALE=scale is not None,
@@ -292,6 +383,13 @@ def conv2d_fprop(
         RELU=relu,
         STATS=stats,
         FLAT_K=flat_k,
+        TAP_MASK=any(padding),
+        TAP_BITS=tap_bits_fit(R * S),
+        IDX64=needs_int64(x, weight, out, residual),
+        OUT_LINEAR=_nhwc_rows(out),
+        RES_LINEAR=residual is not None and _nhwc_rows(residual),
+        X_ALIGN=x_align,
+        W_ALIGN=w_align,
         PRECISION=precision,
         DOT_FP32=INTERPRET and x.dtype == torch.bfloat16,
     )
@@ -300,7 +398,7 @@ def conv2d_fprop(
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]), groups)
 
     if INTERPRET:
-        _conv2d_fprop_kernel[grid](*args, **flags, **_INTERPRET_CONFIG)
+        _conv2d_fprop[grid](*args, **flags, **_INTERPRET_CONFIG)
         block_m = _INTERPRET_CONFIG["BLOCK_M"]
     else:
         with torch.cuda.device(x.device):

@@ -19,11 +19,14 @@ The model, per kernel launch and candidate configuration (tile BM x BN x BK, W w
   tensor-core instruction can reach at best: 0.78 for wgmma (HGMMA; a large bf16 matmul
   reaches 790 of 989 TFLOP/s, shared/ANCHORS.md), 0.6 for mma.sync (HMMA; an assumption), and
   a matrix loop without tensor-core instructions runs at the plain fp32 rate.
-* A program costs ``trips * iteration + W (n_total - n) / 4`` cycles (its K-loop trips from
-  the launch's arguments, plus the rest of its code once: prologue, epilogue). Programs share
-  an SM's tensor cores and schedulers, so an SM runs its ``ceil(programs / 132)`` programs one
-  after the other: ``t_compute = ceil(programs / 132) * program / clock``. The idle SMs of the
-  last wave are the *wave efficiency*, ``programs / (132 ceil(programs / 132))``.
+* A program runs its K loop ``trips`` times (from the launch's arguments) and the rest of its
+  code once (prologue, epilogue): ``W (n_total - n) / 4`` more issue cycles. With one program
+  resident per SM it costs ``trips * iteration + rest``; with two or more, one program's
+  prologue and epilogue issue while another's tensor-core instructions run, so it costs
+  ``max(trips * c_mma / cap, trips * c_issue + rest)``. Programs share an SM's tensor cores
+  and schedulers, so an SM runs its ``ceil(programs / 132)`` programs one after the other:
+  ``t_compute = ceil(programs / 132) * program / clock``. The idle SMs of the last wave are
+  the *wave efficiency*, ``programs / (132 ceil(programs / 132))``.
 * Reductions and elementwise kernels (no tensor cores): issue time of all their programs
   over the 132 x 4 schedulers; and, when the whole grid fits in one wave and the program
   loops, the chain of its iterations, each paying its own issue cycles plus, if the loop
@@ -96,10 +99,11 @@ def wave_efficiency(m: Machine, programs: int) -> float:
 
 
 def matrix_kernel(m: Machine, *, tile: tuple, warps: int, loop_instructions: int, total_instructions: int,
-                  trips: float, programs: int, mma: str, operand: str, useful_flops: float, nbytes: float) -> dict:
+                  trips: float, programs: int, blocks_per_sm: int, mma: str, operand: str, useful_flops: float,
+                  nbytes: float) -> dict:
     """Estimate of a matrix kernel (see the module docstring). ``tile`` = (BM, BN, BK);
     ``mma`` the tensor-core instruction ('HGMMA', 'HMMA' or 'none'); ``operand`` the dtype
-    name ('bfloat16', 'float16', 'tf32' or 'float32')."""
+    name ('bfloat16', 'float16', 'tf32' or 'float32'); ``blocks_per_sm`` its occupancy."""
     bm, bn, bk = tile
     clock = m.clock_hz
     tile_flops = 2.0 * bm * bn * bk
@@ -111,7 +115,11 @@ def matrix_kernel(m: Machine, *, tile: tuple, warps: int, loop_instructions: int
         cap = m.wgmma_cap if mma == "HGMMA" else m.mma_sync_cap
     c_issue = warps * loop_instructions / m.schedulers
     iteration = max(c_mma / cap, c_issue)
-    program = trips * iteration + warps * max(total_instructions - loop_instructions, 0) / m.schedulers
+    rest = warps * max(total_instructions - loop_instructions, 0) / m.schedulers
+    if blocks_per_sm >= 2:
+        program = max(trips * c_mma / cap, trips * c_issue + rest)
+    else:
+        program = trips * iteration + rest
     t_compute = math.ceil(programs / m.sms) * program / clock
     t_memory = nbytes / (m.hbm_tbps * 1e12)
     t = max(t_compute, t_memory)

@@ -8,8 +8,8 @@ Steps (:func:`run`):
 1. For each layer of :func:`resconv.models.resnet18_layers` (the one layer table), capture
    the launches of what resconv runs for it (:func:`layer_launches`): the fused eval forward,
    and a training step (conv with statistics partials, the statistics merge, the centred
-   apply, the running-statistics update; the dReLU/dBN reductions, dgrad, wgrad and their
-   reductions), on meta tensors at the requested batch, dtype and memory format.
+   apply, the running-statistics update; the dReLU/dBN reductions, dy, dgrad, wgrad and
+   their reductions), on meta tensors at the requested batch, dtype and memory format.
 2. Compile every configuration the autotuner may pick for each launch (after its pruner;
    ``configs='first'``: only the first, the largest tile kept), once per distinct binary, and
    the control matmul (:mod:`resconv.bench.control`) at every tile a matrix kernel uses, in
@@ -50,6 +50,7 @@ class Settings:
     dtype: str = "bfloat16"
     memory_format: str = "channels_last"  # or 'contiguous' (NCHW)
     configs: str = "all"  # 'all' candidate configurations, or the 'first' of each launch
+    passes: tuple = PASSES  # of 'eval' (inference forward), 'train' (training step)
     quick: bool = False  # only QUICK_LAYERS
     jobs: int = 0  # compile processes (0: one per CPU)
 
@@ -82,7 +83,7 @@ def _geometry(layer) -> dict:
 def layer_launches(layer, s: Settings) -> dict:
     """{'eval': [Launch], 'train': [Launch]}: the kernel launches resconv's Triton backend makes
     for ``layer`` (the sequence of resconv.ops.autograd's bn_train_forward / bn_train_backward
-    and the Triton kernel adapter's conv backward), captured on meta tensors."""
+    and of resconv.ops.triton's conv backward: keep in step), captured on meta tensors."""
     import resconv.triton_kernels as tk
 
     t = _tensors(layer, s)
@@ -100,17 +101,18 @@ def layer_launches(layer, s: Settings) -> dict:
         mean, invstd, var_u, a, _ = tk.bn_finalize(cnt, pmean, pm2, vec(), vec(), EPS)
         out = tk.scale_shift_act(y, a=a, b=vec(), center=mean, residual=res, relu=layer.relu)
         tk.update_running_stats_(vec(), vec(), mean, var_u, MOMENTUM)
-        # training backward: dReLU/dBN sums (and g, the residual's gradient), then the conv
-        # backward with dy formed by the dReLU/dBN prologue in its operand loads
+        # training backward: dReLU/dBN sums (and g, the residual's gradient); dy formed once
+        # by the dReLU/dBN formula (the Triton adapter's conv backward), then dgrad and wgrad
         gout = t["out"]
         want_g = layer.residual and layer.relu
         g = t["out"] if want_g else None
         tk.bn_backward_reduce(gout, out if layer.relu else None, y, mean, relu=layer.relu, g_out=g)
         src, mask = (g, None) if want_g else (gout, out if layer.relu else None)
-        pro = dict(relu_out=mask, y=y, a=vec(), b=vec(), c=vec(), mean=mean)
+        dy, _ = tk.bn_backward_dy(src, mask, y, a=vec(), b=vec(), c=vec(), mean=mean, relu=mask is not None,
+                                  want_grad_residual=False, dy_dtype=x.dtype)
         if not layer.first:
-            tk.conv2d_dgrad(src, w, input_shape=tuple(x.shape), **geo, **pro, out_memory_format=fmt)
-        tk.conv2d_wgrad(src, x, weight_shape=tuple(w.shape), **geo, **pro, weight_memory_format=fmt)
+            tk.conv2d_dgrad(dy, w, input_shape=tuple(x.shape), **geo, out_memory_format=fmt)
+        tk.conv2d_wgrad(dy, x, weight_shape=tuple(w.shape), **geo, weight_memory_format=fmt)
         found["train"] = list(sink)
     for launches in found.values():
         for launch in launches:
@@ -198,17 +200,18 @@ def _estimate(m: estimate.Machine, launch: aot.Launch, i: int, facts: dict):
         return None
     cfg = launch.configs[i]
     named = launch.named_args()
-    named.update(cfg.meta, **(launch.heuristics[i] if launch.heuristics else {}))
+    named.update(cfg.meta, **(launch.heuristics[i] if launch.heuristics else {}), _grid=launch.grids[i])
     w = work(named)
     programs = launch.programs(i)
     common = dict(warps=cfg.num_warps, loop_instructions=facts["loop_instructions"] or facts["instructions"],
                   total_instructions=facts["instructions"], trips=w["trips"], programs=programs)
+    occ = estimate.occupancy(m, facts["registers"], facts["shared_bytes"], cfg.num_warps)
     if w["matrix"]:
         meta = cfg.meta
         est = estimate.matrix_kernel(m, tile=(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]), mma=facts["mma"],
-                                     operand=w["operand"], useful_flops=w["flops"], nbytes=w["nbytes"], **common)
+                                     operand=w["operand"], useful_flops=w["flops"], nbytes=w["nbytes"],
+                                     blocks_per_sm=occ, **common)
     else:
-        occ = estimate.occupancy(m, facts["registers"], facts["shared_bytes"], cfg.num_warps)
         est = estimate.plain_kernel(m, blocks_per_sm=occ, sync_loads_in_loop=facts["loop_sync_loads"] > 0,
                                     nbytes=w["nbytes"], **common)
     est.update(flops=w.get("flops", 0.0), nbytes=w["nbytes"], trips=w["trips"], programs=programs)
@@ -247,6 +250,8 @@ def run(s: Settings, progress=None) -> dict:
     captured = []  # (layer, pass, [Launch])
     for L in layers:
         for p, launches in layer_launches(L, s).items():
+            if p not in s.passes:
+                continue
             if s.configs == "first":
                 launches = [aot.first_config_only(x) for x in launches]
             captured.append((L, p, launches))
@@ -312,7 +317,7 @@ def run(s: Settings, progress=None) -> dict:
     for v in s.variants:
         size = IMAGE_SIZE[v]
         other = [dict(name=n, pass_=p, **estimate.roofline(m, fl, b)) for n, p, fl, b in other_work(v, s, size)]
-        for p in PASSES:
+        for p in s.passes:
             sel = [r for r in layer_rows if r["layer"]["variant"] == v and r["pass_"] == p]
             if not sel:
                 continue
@@ -324,7 +329,7 @@ def run(s: Settings, progress=None) -> dict:
     env = collect(torch.device("cpu"))
     return dict(
         note=NOTE.format(arch=s.arch),
-        settings=dict(s.__dict__, variants=list(s.variants)),
+        settings=dict(s.__dict__, variants=list(s.variants), passes=list(s.passes)),
         environment=dict(env, triton=triton.__version__),
         machine=m.as_dict(),
         model=estimate.__doc__,

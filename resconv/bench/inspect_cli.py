@@ -35,6 +35,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--arch", type=int, default=90, help="SM architecture to compile for")
     p.add_argument("--variants", type=_list, default="imagenet,cifar",
                    help="ResNet-18 variants (comma-separated): imagenet (224 px), cifar (32 px)")
+    p.add_argument("--passes", type=_list, default="eval,train",
+                   help="what to inspect (comma-separated): eval (inference forward), train (a training step)")
     p.add_argument("--batch", type=int, default=256, help="batch size")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="activation and filter dtype")
     p.add_argument("--format", choices=tuple(FORMATS), default="channels_last", help="memory format")
@@ -74,7 +76,13 @@ def main(args: argparse.Namespace) -> int:
     from . import inspect as inspect_
     from tqdm import tqdm
 
-    s = inspect_.Settings(arch=args.arch, variants=args.variants, batch=args.batch, dtype=DTYPES[args.dtype],
+    bad = [p for p in args.passes if p not in inspect_.PASSES] + \
+        [v for v in args.variants if v not in ("imagenet", "cifar")]
+    if bad:
+        print(f"resconv inspect: unknown pass or variant {bad}", file=sys.stderr)
+        return 2
+    s = inspect_.Settings(arch=args.arch, variants=args.variants, passes=args.passes, batch=args.batch,
+                          dtype=DTYPES[args.dtype],
                           memory_format=FORMATS[args.format], configs=args.configs, quick=args.quick, jobs=args.jobs)
     bar = tqdm(total=0, unit="compile", desc="compiling for sm_%d" % args.arch, file=sys.stderr,
                disable=True if args.no_progress else None)

@@ -14,6 +14,7 @@ FILES = ("inspect.json", "inspect.md", "inspect.png")
 FPROP_LOOP, BACKWARD_LOOP, STEM_VS_MEMORY = 1.4, 2.0, 2.0
 EVAL_FORWARD_MS, LAYER_FRACTION, MERGE_TRIPS = 1.5, 0.6, 4
 MERGE_KERNELS = ("_bn_finalize_kernel", "_bn_backward_finalize_kernel", "_chan_merge_kernel", "_sum_merge_kernel")
+# (the backward finalize: the pre-tree merge, in reports made before issue 14)
 
 
 def _own(results: dict) -> list:

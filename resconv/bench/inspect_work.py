@@ -39,9 +39,7 @@ def fprop(named: dict) -> dict:
     M, Kg, Cg, R, S = (named[k] for k in ("M", "Kg", "Cg", "R", "S"))
     groups = named["K"] // Kg
     bk = named["BLOCK_K"]
-    if named.get("STEM"):
-        trips = R * math.ceil(named["S_PAD"] * named["C_PAD"] / bk)
-    elif named.get("FLAT_K"):
+    if named.get("FLAT_K"):
         trips = math.ceil(Cg * R * S / bk)
     else:
         trips = R * S * math.ceil(Cg / bk)
@@ -51,31 +49,49 @@ def fprop(named: dict) -> dict:
                 nbytes=_nbytes(named, *reads, *writes))
 
 
+def pack_input(named: dict) -> dict:
+    return dict(matrix=False, trips=1, nbytes=_nbytes(named, "x_ptr", "xp_ptr"))
+
+
 def dgrad(named: dict) -> dict:
     Kg, Cg, R, S = (named[k] for k in ("Kg", "Cg", "R", "S"))
     sh, sw, dh, dw = (named[k] for k in ("stride_h", "stride_w", "dil_h", "dil_w"))
     taps = _taps_per_phase(R, sh, dh) * _taps_per_phase(S, sw, dw)
     bk = named["BLOCK_K"]
     trips = math.ceil(taps * Kg / bk) if named.get("FLAT_K") else taps * math.ceil(Kg / bk)
-    N, H, W, P, Q = (named[k] for k in ("N", "H", "W", "P", "Q"))
+    N, P, Q = (named[k] for k in ("N", "P", "Q"))
     groups = named["dx_ptr"].shape[1] // Cg
-    reads = ["dy_ptr", "w_ptr"] + (["mo_ptr"] if named.get("RELU") else []) + (["y_ptr"] if named.get("HAS_Y") else [])
     return dict(matrix=True, trips=trips, flops=2.0 * N * P * Q * Kg * groups * Cg * R * S,
-                operand=_operand(named, "w_ptr"), nbytes=_nbytes(named, *reads, "dx_ptr"))
+                operand=_operand(named, "w_ptr"), nbytes=_nbytes(named, "dy_ptr", "w_ptr", "dx_ptr"))
 
 
 def wgrad(named: dict) -> dict:
-    Kg, Cg, R, S, K = (named[k] for k in ("Kg", "Cg", "R", "S", "K"))
-    trips = math.ceil(named["chunk"] / named["BLOCK_K"])
-    reads = ["dy_ptr", "x_ptr"] + (["mo_ptr"] if named.get("RELU") else []) + (["y_ptr"] if named.get("HAS_Y") else [])
-    writes = ["gw_ptr"] + (["gb_ptr"] if named.get("HAS_BIAS") else [])
+    Cg, R, S, K = (named[k] for k in ("Cg", "R", "S", "K"))
+    split = named["_grid"][2]
+    trips = math.ceil(math.ceil(named["NPQ"] / split) / named["BLOCK_K"])
+    if named["DIRECT"]:
+        written = _nbytes(named, "gw_ptr") + (_nbytes(named, "gb_ptr") if named.get("HAS_BIAS") else 0)
+    else:
+        written = split * K * (R * S * Cg + bool(named.get("HAS_BIAS"))) * 4
     return dict(matrix=True, trips=trips, flops=2.0 * named["NPQ"] * K * Cg * R * S, operand=_operand(named, "x_ptr"),
-                nbytes=_nbytes(named, *reads, *writes))
+                nbytes=_nbytes(named, "dy_ptr", "x_ptr") + written)
 
 
 def split_reduce(named: dict) -> dict:
     L = named["L"]
-    return dict(matrix=False, trips=named["SPLIT"], nbytes=named["SPLIT"] * L * 4 + L * _elem(named, "out_ptr"))
+    return dict(matrix=False, trips=1, nbytes=named["SPLIT"] * L * 4 + L * _elem(named, "out_ptr"))
+
+
+def chan_merge(named: dict) -> dict:
+    T, K = named["T"], named["K"]
+    T2 = named["_grid"][0]
+    return dict(matrix=False, trips=1, nbytes=(T + T2) * (4 + 2 * K * 4))
+
+
+def sum_merge(named: dict) -> dict:
+    T, K = named["T"], named["K"]
+    n = 2 if named.get("HAS_Y") else 1
+    return dict(matrix=False, trips=1, nbytes=n * (T + named["_grid"][0]) * K * 4)
 
 
 def bn_finalize(named: dict) -> dict:
@@ -87,12 +103,6 @@ def bn_backward_partials(named: dict) -> dict:
     reads = ["gout_ptr"] + (["out_ptr"] if named.get("RELU") else []) + (["y_ptr"] if named.get("HAS_Y") else [])
     writes = ["psum_ptr"] + (["psumy_ptr"] if named.get("HAS_Y") else []) + (["g_ptr"] if named.get("WRITE_G") else [])
     return dict(matrix=False, trips=1, nbytes=_nbytes(named, *reads, *writes))
-
-
-def bn_backward_finalize(named: dict) -> dict:
-    T, K = named["T"], named["K"]
-    n = 2 if named.get("HAS_Y") else 1
-    return dict(matrix=False, trips=math.ceil(T / named["BLOCK_T"]), nbytes=n * (T * K * 4 + K * 4))
 
 
 def scale_shift_act(named: dict) -> dict:
@@ -113,12 +123,14 @@ def running_stats(named: dict) -> dict:
 # kernel (JITFunction) name -> work function(named arguments, constexprs and configuration included)
 WORK = {
     "_conv2d_fprop_kernel": fprop,
+    "_pack_input_kernel": pack_input,
     "_conv2d_dgrad_kernel": dgrad,
     "_conv2d_wgrad_kernel": wgrad,
     "_split_reduce_kernel": split_reduce,
     "_bn_finalize_kernel": bn_finalize,
+    "_chan_merge_kernel": chan_merge,
+    "_sum_merge_kernel": sum_merge,
     "_bn_backward_partials_kernel": bn_backward_partials,
-    "_bn_backward_finalize_kernel": bn_backward_finalize,
     "_scale_shift_act_kernel": scale_shift_act,
     "_bn_backward_dy_kernel": bn_backward_dy,
     "_running_stats_kernel": running_stats,
