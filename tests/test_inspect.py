@@ -52,10 +52,37 @@ def test_every_configuration_compiles_with_hgmma_and_no_spills(quick_run):
         if c["config"]["BLOCK_M"] >= 64 and c["num_warps"] >= 4:
             assert c["mma"] == "HGMMA", f"{c['kernel']} {c['tile']}: {c['mma']}, not HGMMA"
             assert c["wgmma_a_from"] == "shared", f"{c['kernel']} {c['tile']}: wgmma reads A from registers"
-        assert c["loop_load_kind"] in ("cp.async", "TMA"), f"{c['kernel']} {c['tile']}: {c['loop_load_kind']} loads"
-        assert 16 in c["loop_load_widths"] or c["loop_load_kind"] == "TMA", f"{c['kernel']} {c['tile']}: no 16-byte loads"
+        assert c["loop_load_kind"] in ("cp.async", "TMA", "TMA+cp.async"), \
+            f"{c['kernel']} {c['tile']}: {c['loop_load_kind']} loads"
+        # 16-byte loads wherever every operand's rows allow them (the odd-width stem's packed
+        # rows are 8-byte aligned: X_ALIGN 4 bf16 elements)
+        aligned = all(v >= 8 for k, v in c["flags"].items() if k.endswith("_ALIGN"))
+        assert 16 in c["loop_load_widths"] or c["loop_load_kind"] == "TMA" or not aligned, \
+            f"{c['kernel']} {c['tile']}: no 16-byte loads"
     for c in own:
         assert c["stack_bytes"] == 0 and c["local_memory_instructions"] == 0, f"{c['kernel']} {c['tile']} spills"
+
+
+def test_filters_load_through_tma(quick_run):
+    """fprop and dgrad read their filter tiles with TMA (UTMALDG in the SASS) on sm_90 where
+    Triton is 3.8 or newer; the pointer path stays for older Triton and the interpreter."""
+    import triton
+
+    from resconv.triton_kernels._common import _triton_at_least
+
+    _, res, _ = quick_run
+    for kernel in ("_conv2d_fprop_kernel", "_conv2d_dgrad_kernel"):
+        rows = [c for c in res["compiles"] if c["kernel"] == kernel and not c["is_control"]]
+        assert rows
+        for c in rows:
+            # every ResNet-18 layer's filters but the stem's (7 taps x 4 channels: rows of 28,
+            # which no 16-element-aligned TMA box tiles; its C_VEC is 4)
+            vec = c["flags"].get("C_VEC", c["flags"].get("K_VEC"))
+            fits = vec == 8 and not c["flags"].get("FLAT_K", False)
+            assert c["flags"]["W_TMA"] == (fits and _triton_at_least(3, 8)), (kernel, c["tile"], triton.__version__)
+            assert c["uses_tma"] == c["flags"]["W_TMA"], (kernel, c["tile"])
+            if c["uses_tma"]:
+                assert "TMA" in c["loop_load_kind"], (kernel, c["tile"], c["loop_load_kind"])
 
 
 def test_main_loops_within_budget(quick_run):

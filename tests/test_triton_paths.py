@@ -89,7 +89,7 @@ def test_stem_path_fprop_and_wgrad(case, dtype):
     from resconv.triton_kernels import stem
 
     C, H, W, K, R, S, stride, padding, dilation, layout = case
-    assert stem.s_pad(C, S, 1, dilation[1]) is not None, "the case must take the stem path"
+    assert stem.applies(C, S, 1, dilation[1]), "the case must take the stem path"
     x = _layout(_rand(2, C, H, W, dtype=dtype), layout)
     w = _rand(K, C, R, S, dtype=dtype)
     x_before = x.clone()
@@ -103,19 +103,30 @@ def test_stem_path_fprop_and_wgrad(case, dtype):
 
 def test_stem_packing_is_the_padded_nhwc_input():
     """The packed buffer the GPU path reads: zeros in the padding and the padded channels,
-    the input elsewhere, rows wide enough for every tap run, its view's strides."""
+    the input elsewhere, an even row width, its view's strides."""
     from resconv.triton_kernels import stem
 
     x = _rand(2, 3, 6, 5)
-    sp = stem.s_pad(3, 7, 1, 1)
-    view = stem.pack_input(x, (3, 2, 3, 4), 7, sp)
-    Hp, Wp = 6 + 5, stem.packed_width(5, 3, 4, 7, sp)
-    assert Wp % 2 == 0 and Wp >= 5 + 3 + 4 + sp - 7
-    assert view.shape == (2, sp * stem.C_PAD, Hp, Wp - sp + 1)
+    view = stem.pack_input(x, (3, 2, 3, 4), 7)
+    Hp, Wp = 6 + 5, stem.packed_width(5, 3, 4)
+    assert Wp == 5 + 3 + 4 + 0 or Wp == 5 + 3 + 4 + 1 and Wp % 2 == 0
+    assert view.shape == (2, 7 * stem.C_PAD, Hp, Wp - 7 + 1)
     assert view.stride() == (Hp * Wp * 4, 1, Wp * 4, 4)
     xp = torch.as_strided(view, (2, Hp, Wp, 4), (Hp * Wp * 4, Wp * 4, 4, 1))
     expect = F.pad(x.permute(0, 2, 3, 1), (0, 1, 3, Wp - 5 - 3, 3, 2))
     assert torch.equal(xp, expect)
+
+
+def test_stem_path_keeps_non_finite_values_local():
+    """A NaN/Inf pixel reaches only the outputs whose taps read it, as in torch: the packed
+    rows' columns past a filter row's taps are never read (masked), not multiplied by 0."""
+    for value in (float("nan"), float("inf")):
+        x = _rand(1, 3, 8, 9)
+        x[0, 1, 0, 3] = value
+        w = _rand(8, 3, 3, 3)
+        out, ref = _fprop(x, w, (1, 1), (0, 0, 0, 0))
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+        assert not torch.isfinite(ref).all() and torch.isfinite(ref).any()
 
 
 # ---- the direct implicit-GEMM paths -------------------------------------------------------
@@ -163,6 +174,76 @@ def test_64bit_offsets_path(monkeypatch):
     dy = _rand(*ref.shape, cl=True)
     gw, gw_ref = _wgrad(x, tuple(w.shape), dy, (1, 1), (1, 1, 1, 1))
     _check(gw, gw_ref, torch.float32, grad=True)
+
+
+# ---- the TMA filter path ------------------------------------------------------------------
+# (C, K, R, S, stride, padding, groups, stem): the descriptor's rows past a group's filters,
+# taps of a stride phase (dgrad), the stem's packed filters.
+TMA = [
+    (64, 32, 3, 3, (1, 1), (1, 1, 1, 1), 1),
+    (32, 64, 3, 3, (2, 2), (1, 1, 1, 1), 2),
+    (3, 16, 5, 8, (2, 2), (2, 2, 3, 4), 1),  # 8 taps x 4 channels: a 32-wide packed reduction
+]
+
+
+@pytest.mark.parametrize("case", TMA, ids=["3x3", "3x3s2-groups2", "stem-5x8"])
+def test_tma_filter_path(case, monkeypatch):
+    """The GPU's TMA path (filters through a tensor descriptor, triton >= 3.8 on sm_90) run
+    by the interpreter: the descriptor's coordinates are the same index arithmetic."""
+    import resconv.triton_kernels._common as common
+    import resconv.triton_kernels.conv_dgrad as D
+    import resconv.triton_kernels.conv_fprop as Fp
+
+    made = []
+
+    def spy(w2d):
+        d = common.descriptor_2d(w2d)
+        made.append(d)
+        return d
+
+    for mod in (Fp, D):
+        monkeypatch.setattr(mod, "tma_available", lambda device: True)
+        monkeypatch.setattr(mod, "descriptor_2d", spy)
+    C, K, R, S, stride, padding, groups = case
+    x = _rand(2, C, 9, 8, cl=True)
+    w = _rand(K, C // groups, R, S)
+    out, ref = _fprop(x, w, stride, padding, groups=groups)
+    _check(out, ref, torch.float32)
+    assert made and made[-1] is not None, "the fprop launch must take the TMA path"
+    if C >= 16:
+        dy = _rand(*ref.shape, cl=True)
+        pt, pb, pl, pr = padding
+        x64 = x.double().requires_grad_()
+        F.conv2d(F.pad(x64, (pl, pr, pt, pb)), w.double(), None, stride, 0, 1, groups).backward(dy.double())
+        n = len(made)
+        dx = D.conv2d_dgrad(dy, w, input_shape=tuple(x.shape), stride=stride, padding=padding, dilation=(1, 1),
+                            groups=groups)
+        assert len(made) == n + 1 and made[-1] is not None, "the dgrad launch must take the TMA path"
+        _check(dx, x64.grad, torch.float32, grad=True)
+
+
+def test_descriptor_2d_arguments():
+    """Host side of the TMA path: the descriptor over the channels-last filters as
+    [K, R*S*C], None where TMA cannot read them, and the per-configuration block shapes."""
+    from resconv.triton_kernels._common import descriptor_2d, set_blocks
+    from resconv.triton_kernels.conv_dgrad import _gpu_configs as dgrad_configs
+    from resconv.triton_kernels.conv_fprop import _gpu_configs as fprop_configs
+
+    w = _rand(32, 16, 3, 3, cl=True)
+    w2d = w.permute(0, 2, 3, 1).reshape(32, 9 * 16)
+    assert w2d.data_ptr() == w.data_ptr()  # a view: the filters are not copied
+    d = descriptor_2d(w2d)
+    assert d.base is w2d and list(d.shape) == [32, 144] and list(d.strides) == [144, 1]
+    odd = torch.randn(8, 3 * 3 * 3 + 1)[:, 1:]  # base not 16-byte aligned, rows of 27 elements
+    assert descriptor_2d(odd) is None
+    for configs, rows, cols in ((fprop_configs(), "BLOCK_N", "BLOCK_K"), (dgrad_configs(), "BLOCK_K", "BLOCK_N")):
+        for cfg in configs:
+            nargs = dict(cfg.kwargs, w_desc=d)
+            cfg.pre_hook(nargs)
+            assert d.block_shape == [cfg.kwargs[rows], cfg.kwargs[cols]]
+    hook = set_blocks(w_desc=("BLOCK_N", "BLOCK_K"))
+    plain = torch.empty(1)
+    hook(dict(w_desc=plain, BLOCK_N=64, BLOCK_K=32))  # a pointer argument (no TMA) is left alone
 
 
 # ---- index helpers ------------------------------------------------------------------------

@@ -37,14 +37,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, new_empty
+from ._common import INTERPRET, check_device, new_empty, set_blocks, tma_available, descriptor_2d
 from ._index import as_row_tile, axis_bits, needs_int64, tap_bits, tap_bits_fit, wide
-from .conv_fprop import pow2_alignment
+from .conv_fprop import every_block_divides, pow2_alignment
 from .elementwise import bn_backward_dy
 
 # Under the interpreter one small fixed configuration (valid on a GPU too: tl.dot dims >= 16,
 # powers of two); on the GPU the autotuner picks per shape.
 _INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)
+# The filter tile the TMA descriptor loads: [BLOCK_K output channels, BLOCK_N input channels].
+_DESC_BLOCKS = set_blocks(w_desc=("BLOCK_K", "BLOCK_N"))
 
 
 def _gpu_configs():
@@ -59,7 +61,8 @@ def _gpu_configs():
         (64, 16, 16, 4, 4),  # few channels per group (depthwise)
     ]:
         cfgs.append(
-            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
+            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages,
+                          pre_hook=_DESC_BLOCKS)
         )
     return cfgs
 
@@ -103,6 +106,7 @@ def _phase(a, size, pad, stride, dil, taps, g, tap_step, inv):
 def _conv2d_dgrad_kernel(
     dy_ptr,  # [N, K, P, Q] gradient at the conv output, strides sd*
     w_ptr,  # [K, C/groups, R, S] filters, strides sw*
+    w_desc,  # W_TMA: TMA descriptor over the channels-last filters as [K, R*S*C/groups]; else unused
     dx_ptr,  # [N, C, H, W] input gradient (written), strides sx*
     N, H, W, P, Q, Cg, Kg, R, S, M_max, max_taps,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -115,6 +119,8 @@ def _conv2d_dgrad_kernel(
     IDX64: tl.constexpr,  # 64-bit element offsets (a tensor reaches 2**31 elements)
     DY_ALIGN: tl.constexpr,  # every dy row offset and tap step is a multiple of this (elements)
     W_ALIGN: tl.constexpr,  # every filter row offset and tap step is a multiple of this
+    W_TMA: tl.constexpr,  # filter tiles by TMA (w_desc): every BLOCK_K divides K/groups
+    K_VEC: tl.constexpr,  # a power of two dividing K/groups (<= 8): the channel mask's vector width
     EVEN_K: tl.constexpr,  # BLOCK_K divides K/groups: no channel mask (a heuristic of the config)
     PRECISION: tl.constexpr,  # tl.dot input_precision: "tf32" or "ieee"
     DOT_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, so multiply exact fp32 copies
@@ -211,11 +217,15 @@ def _conv2d_dgrad_kernel(
                 p = p0 - jr * dp
                 q = q0 - js * dq
                 a_mask = (m_mask & (p >= 0) & (p < P) & (q >= 0) & (q < Q))[:, None]
-            if EVEN_K:
+            if W_TMA:  # columns past the group's channels are never stored
+                a = tl.load(dy_ptr + dy_step + a_offs, mask=a_mask, other=0.0)
+                tap = (r0 + jr * r_step) * S + s0 + js * s_step
+                b = w_desc.load([grp * Kg + kb * BLOCK_K, tap * Cg + pid_n * BLOCK_N])
+            elif EVEN_K:
                 a = tl.load(dy_ptr + dy_step + a_offs, mask=a_mask, other=0.0)
                 b = tl.load(w_ptr + w_step + b_offs, mask=n_mask[None, :], other=0.0)
             else:
-                k_ok = kb * BLOCK_K + offs_k < Kg
+                k_ok = (kb * BLOCK_K + offs_k) // K_VEC < Kg // K_VEC  # constant along each K_VEC vector
                 a = tl.load(dy_ptr + dy_step + a_offs, mask=a_mask & k_ok[None, :], other=0.0)
                 b = tl.load(w_ptr + w_step + b_offs, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
             a = a.to(w_ptr.dtype.element_ty)
@@ -334,8 +344,11 @@ def conv2d_dgrad(
     max_taps = triton.cdiv(R, r_step) * triton.cdiv(S, s_step)
     sdn, sdk, sdp, sdq = dy.stride()
     swk, swc, swr, sws = weight.stride()
+    w_desc = None
+    if not use_flat_k(Kg) and every_block_divides(Kg) and tma_available(dy.device):
+        w_desc = descriptor_2d(weight.permute(0, 2, 3, 1).reshape(K, R * S * Cg))
     args = (
-        dy, weight, dx,
+        dy, weight, w_desc if w_desc is not None else weight, dx,
         N, H, W, P, Q, Cg, Kg, R, S, M_max, max_taps,
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
         g_h, g_w, r_step, s_step, inv_h, inv_w, dp, dq,
@@ -348,6 +361,8 @@ def conv2d_dgrad(
         # dy row offsets and tap steps are sums of these multiples: their common power of two
         DY_ALIGN=pow2_alignment(sdn, sdp, sdq, Kg * sdk * (groups > 1)),
         W_ALIGN=pow2_alignment(swk, swr * (R > 1), sws * (S > 1)),
+        W_TMA=w_desc is not None,
+        K_VEC=pow2_alignment(Kg, cap=8),
         PRECISION="tf32" if (allow_tf32 and weight.dtype == torch.float32) else "ieee",
         DOT_FP32=INTERPRET and weight.dtype == torch.bfloat16,
     )
@@ -355,7 +370,9 @@ def conv2d_dgrad(
     def grid(meta):
         return (triton.cdiv(M_max, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups, stride[0] * stride[1])
 
-    if INTERPRET:
+    if INTERPRET:  # (TMA only where a test forces it: tma_available is False here)
+        if w_desc is not None:
+            _DESC_BLOCKS(dict(w_desc=w_desc, **_INTERPRET_CONFIG))
         _conv2d_dgrad[grid](*args, **flags, **_INTERPRET_CONFIG)
     else:
         with torch.cuda.device(dy.device):

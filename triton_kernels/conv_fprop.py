@@ -22,7 +22,9 @@ import triton
 import triton.language as tl
 
 from . import stem
-from ._common import INTERPRET, check_device, dense_like, new_empty
+from ._common import (
+    INTERPRET, check_device, dense_like, new_empty, set_blocks, tma_available, descriptor_2d,
+)
 from ._index import (
     as_row_tile, axis_bits, divmod_magic, fast_divmod, needs_int64, tap_bits, tap_bits_fit, wide,
 )
@@ -34,6 +36,8 @@ MIN_BLOCK_M = 64
 # Under the interpreter one small fixed configuration (still valid on a GPU: every tl.dot
 # dimension >= 16, powers of two); on the GPU the autotuner picks per shape.
 _INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=4)
+# The filter tile the TMA descriptor loads: [BLOCK_N output channels, BLOCK_K reduction].
+_DESC_BLOCKS = set_blocks(w_desc=("BLOCK_N", "BLOCK_K"))
 
 
 def _gpu_configs():
@@ -44,27 +48,33 @@ def _gpu_configs():
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
-        (128, 64, 32, 4, 3),  # the stem path's 32-wide tap runs
+        (128, 64, 32, 4, 3),  # the stem path's tap runs: 7 taps x 4 channels
+        (128, 64, 16, 4, 3),  # 3 taps x 4 channels (a 3x3 stem), reductions of 16
         (64, 64, 32, 4, 5),
         (64, 32, 32, 4, 4),
         (64, 16, 32, 2, 4),
     ]:
         cfgs.append(
-            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
+            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages,
+                          pre_hook=_DESC_BLOCKS)
         )
     return cfgs
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles far wider than the problem (tiny Kg or reduction): they only waste work;
-    and tiles narrower than 64 where the problem is that wide (small tensor-core
-    instructions, more index math per product)."""
+    and tiles narrower than 64 (output channels or K step) where the problem is that wide
+    (small tensor-core instructions, more index math per product: resconv inspect)."""
     kg = named_args["Kg"]
     red = named_args["Cg"] * named_args["R"] * named_args["S"] if kwargs.get("FLAT_K") else named_args["Cg"]
     max_bn = max(16, triton.next_power_of_2(kg))
     max_bk = max(16, triton.next_power_of_2(red))
     min_bn = min(64, max_bn)
-    kept = [c for c in configs if min_bn <= c.kwargs["BLOCK_N"] <= max_bn and c.kwargs["BLOCK_K"] <= max_bk]
+    min_bk = min(64, max_bk)  # a K step of 64 where the reduction has it: the per-step index work amortised
+    kept = [c for c in configs if min_bn <= c.kwargs["BLOCK_N"] <= max_bn and min_bk <= c.kwargs["BLOCK_K"] <= max_bk]
+    if kwargs.get("W_ROWS_PADDED"):  # the stem's loop reads each packed filter row as one block
+        whole_rows = [c for c in configs if c.kwargs["BLOCK_K"] == max_bk]
+        kept = [c for c in kept if c in whole_rows] or whole_rows
     return kept or configs[-1:]
 
 
@@ -73,6 +83,7 @@ def _prune_configs(configs, named_args, **kwargs):
 def _conv2d_fprop_kernel(
     x_ptr,  # [N, C, H, W] input, strides sx* (channels may overlap: the stem's packed view)
     w_ptr,  # [K, C/groups, R, S] filters, strides sw*
+    w_desc,  # W_TMA: TMA descriptor over the channels-last filters as [K, R*S*C/groups]; else unused
     out_ptr,  # [N, K, P, Q] output, strides so*
     scale_ptr,  # [K] fp32 (HAS_SCALE)
     shift_ptr,  # [K] fp32 (HAS_SHIFT)
@@ -98,7 +109,10 @@ def _conv2d_fprop_kernel(
     IDX64: tl.constexpr,  # 64-bit element offsets (a tensor reaches 2**31 elements)
     X_ALIGN: tl.constexpr,  # every x row offset and tap step is a multiple of this (elements)
     W_ALIGN: tl.constexpr,  # every filter column offset and tap step is a multiple of this
+    W_TMA: tl.constexpr,  # filter tiles by TMA (w_desc): every BLOCK_K divides C/groups
+    C_VEC: tl.constexpr,  # a power of two dividing C/groups (<= 8): the channel mask's vector width
     EVEN_C: tl.constexpr,  # BLOCK_K divides C/groups: no channel mask (a heuristic of the config)
+    W_ROWS_PADDED: tl.constexpr,  # each filter's reduction rows are zero-padded past every BLOCK_K: no filter mask
     EVEN_M: tl.constexpr,  # BLOCK_M divides N*P*Q: no row tail (a heuristic of the config)
     OUT_LINEAR: tl.constexpr,  # out dense NHWC: a row's offset is its index times soq
     RES_LINEAR: tl.constexpr,  # residual dense NHWC (HAS_RES)
@@ -155,6 +169,26 @@ def _conv2d_fprop_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    elif W_ROWS_PADDED:
+        # The stem (stem.py): S == 1, no padding, one channel block per filter row (BLOCK_K is
+        # the packed rows' width, see _prune_configs), so each filter row is one pointer step
+        # and the mask (the taps past the row's S * C_PAD columns are the next pixel's: never
+        # read, so no NaN or Inf there reaches this pixel) is the same every step.
+        x_row = tl.multiple_of(wide(n, IDX64) * sxn + wide(ih0, IDX64) * sxh + wide(iw0, IDX64) * sxw, X_ALIGN)
+        a_offs = x_row[:, None] + (offs_k * sxc)[None, :]
+        b_offs = tl.multiple_of(wide(k_glob, IDX64) * swk, W_ALIGN)[None, :] + (offs_k * swc)[:, None]
+        a_mask = ((offs_k // C_VEC) < (Cg // C_VEC))[None, :]
+        if not EVEN_M:
+            a_mask = a_mask & m_mask[:, None]
+        for r in range(0, R):
+            x_step = tl.multiple_of(wide(r * dil_h, IDX64) * sxh, X_ALIGN)
+            w_step = tl.multiple_of(wide(r, IDX64) * swr, W_ALIGN)
+            a = tl.load(x_ptr + x_step + a_offs, mask=a_mask, other=0.0)
+            b = tl.load(w_ptr + w_step + b_offs, mask=n_mask[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
     else:
         # One (r, s) tap and one chunk of channels per step, in one flat loop (Triton pipelines
         # it). Everything per row is computed once, here: the offset of tap (0, 0) (it may lie
@@ -187,16 +221,25 @@ def _conv2d_fprop_kernel(
                 ih = ih0 + r * dil_h
                 iw = iw0 + s * dil_w
                 a_mask = (m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
-            if EVEN_C and EVEN_M and not TAP_MASK:
+            if W_TMA:  # rows past the group's are other filters: their columns are never stored
+                b = w_desc.load([grp * Kg + pid_n * BLOCK_N, (r * S + s) * Cg + cb * BLOCK_K]).T
+                if EVEN_M and not TAP_MASK:
+                    a = tl.load(x_ptr + x_step + a_offs)
+                else:
+                    a = tl.load(x_ptr + x_step + a_offs, mask=a_mask, other=0.0)
+            elif EVEN_C and EVEN_M and not TAP_MASK:
                 a = tl.load(x_ptr + x_step + a_offs)
                 b = tl.load(w_ptr + w_step + b_offs, mask=n_mask[None, :], other=0.0)
             elif EVEN_C:
                 a = tl.load(x_ptr + x_step + a_offs, mask=a_mask, other=0.0)
                 b = tl.load(w_ptr + w_step + b_offs, mask=n_mask[None, :], other=0.0)
             else:
-                c_ok = cb * BLOCK_K + offs_k < Cg
+                c_ok = (cb * BLOCK_K + offs_k) // C_VEC < Cg // C_VEC  # constant along each C_VEC vector
                 a = tl.load(x_ptr + x_step + a_offs, mask=a_mask & c_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + w_step + b_offs, mask=c_ok[:, None] & n_mask[None, :], other=0.0)
+                if W_ROWS_PADDED:  # the stem's packed filters: zeros past the row, read unmasked
+                    b = tl.load(w_ptr + w_step + b_offs, mask=n_mask[None, :], other=0.0)
+                else:
+                    b = tl.load(w_ptr + w_step + b_offs, mask=c_ok[:, None] & n_mask[None, :], other=0.0)
             if DOT_FP32:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -270,6 +313,12 @@ def use_flat_k(cg: int) -> bool:
     return cg < 16
 
 
+def every_block_divides(c: int) -> bool:
+    """Whether every BLOCK_K a configuration may use for a reduction of c (at most the next
+    power of two of c, at least 16, at most 64) divides it: no block runs past c."""
+    return c % 64 == 0 or c in (16, 32)
+
+
 def _nhwc_rows(t: torch.Tensor) -> bool:
     """Whether t[n, :, p, q] starts at ((n*P + p)*Q + q) * t.stride(3): NHWC-dense pixels."""
     _, _, P, Q = t.shape
@@ -306,7 +355,7 @@ def conv2d_fprop(
 
     Args:
         x (Tensor[N, C, H, W]): fp16/bf16/fp32; made channels-last-dense if it is not (with
-            C <= 4, packed for the stem path instead: :mod:`.stem`).
+            C <= 4, packed for the stem path instead: :mod:`.stem`). Not modified.
         weight (Tensor[K, C/groups, R, S]): x's dtype; made channels-last-dense (K R S C) if not.
         stride, padding (top, bottom, left, right), dilation, groups: normalised geometry.
         out_shape: (N, K, P, Q).
@@ -339,10 +388,10 @@ def conv2d_fprop(
     if M >= 2**31:
         raise ValueError(f"input: N*P*Q = {M} output pixels, expected fewer than 2**31")
 
-    sp = stem.s_pad(x.shape[1], S, groups, dilation[1])
-    if sp is not None:  # the stem path: an R x 1 conv over the packed input's tap runs
-        x = stem.pack_input(x, padding, S, sp)
-        weight = stem.pack_weight(weight, sp)
+    is_stem = stem.applies(x.shape[1], S, groups, dilation[1])
+    if is_stem:  # an R x 1 conv over the packed input's tap runs
+        x = stem.pack_input(x, padding, S)
+        weight = stem.pack_weight(weight)
         Cg, S = weight.shape[1], 1
         padding, dilation = (0, 0, 0, 0), (dilation[0], 1)
     else:
@@ -355,7 +404,7 @@ def conv2d_fprop(
     dummy = out  # stands in for absent optional pointers (never dereferenced)
     res = residual if residual is not None else dummy
     precision = "tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee"
-    flat_k = use_flat_k(Cg)
+    flat_k = use_flat_k(Cg) and not is_stem  # (the stem's runs are contiguous: the direct path, masked)
     sxn, sxc, sxh, sxw = x.stride()
     swk, swc, swr, sws = weight.stride()
     # Row offsets and tap steps are sums of these: their common power of two is what the
@@ -363,8 +412,11 @@ def conv2d_fprop(
     x_align = pow2_alignment(sxn, stride[0] * sxh, padding[0] * sxh, stride[1] * sxw, padding[2] * sxw,
                              dilation[0] * sxh * (R > 1), dilation[1] * sxw * (S > 1), Cg * sxc * (groups > 1))
     w_align = pow2_alignment(swk, swr * (R > 1), sws * (S > 1))
+    w_desc = None
+    if not flat_k and every_block_divides(Cg) and tma_available(x.device):
+        w_desc = descriptor_2d(weight.permute(0, 2, 3, 1).reshape(K, R * S * Cg))
     args = (
-        x, weight, out,
+        x, weight, w_desc if w_desc is not None else weight, out,
         scale if scale is not None else dummy,
         shift if shift is not None else dummy,
         res,
@@ -390,6 +442,9 @@ def conv2d_fprop(
         RES_LINEAR=residual is not None and _nhwc_rows(residual),
         X_ALIGN=x_align,
         W_ALIGN=w_align,
+        W_ROWS_PADDED=is_stem,
+        C_VEC=pow2_alignment(Cg, cap=8),
+        W_TMA=w_desc is not None,
         PRECISION=precision,
         DOT_FP32=INTERPRET and x.dtype == torch.bfloat16,
     )
@@ -397,9 +452,12 @@ def conv2d_fprop(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]), groups)
 
-    if INTERPRET:
-        _conv2d_fprop[grid](*args, **flags, **_INTERPRET_CONFIG)
-        block_m = _INTERPRET_CONFIG["BLOCK_M"]
+    if INTERPRET:  # (TMA only where a test forces it: tma_available is False here)
+        if w_desc is not None:
+            _DESC_BLOCKS(dict(w_desc=w_desc, **_INTERPRET_CONFIG))
+        cfg = dict(_INTERPRET_CONFIG, BLOCK_K=max(16, triton.next_power_of_2(Cg))) if is_stem else _INTERPRET_CONFIG
+        _conv2d_fprop[grid](*args, **flags, **cfg)
+        block_m = cfg["BLOCK_M"]
     else:
         with torch.cuda.device(x.device):
             _conv2d_fprop_autotuned[grid](*args, **flags)

@@ -45,7 +45,8 @@ def _gpu_configs():
         (128, 128, 64, 8, 3),
         (128, 64, 64, 4, 4),
         (64, 64, 64, 8, 4),  # not on 4 warps: each x row's index math is repeated by 8 threads (inspect)
-        (64, 32, 64, 4, 4),  # the stem path's 32-wide tap runs
+        (64, 32, 64, 4, 4),  # the stem path's tap runs: 7 taps x 4 channels
+        (64, 16, 64, 4, 4),  # 3 taps x 4 channels (a 3x3 stem)
         (32, 64, 64, 4, 4),
         (32, 32, 64, 2, 4),
         (16, 32, 128, 2, 3),
@@ -106,9 +107,11 @@ def _conv2d_wgrad_kernel(
     DY_LINEAR: tl.constexpr,  # dy's (n, p, q) offset is m * sdq (dense NHWC): the dy tile is a pointer step
     IDX64: tl.constexpr,  # 64-bit element offsets (a tensor reaches 2**31 elements)
     X_ALIGN: tl.constexpr,  # every x row offset is a multiple of this (elements)
+    C_VEC: tl.constexpr,  # a power of two dividing C/groups (<= 8): the channel mask's vector width
     DIRECT: tl.constexpr,  # SPLIT == 1: store the final gradients in their dtype (a heuristic)
     EVEN_M: tl.constexpr,  # BLOCK_M divides K/groups (a heuristic)
     EVEN_N: tl.constexpr,  # BLOCK_N divides C/groups (a heuristic; the direct columns only)
+    COLS_READABLE: tl.constexpr,  # the stem's packed x: columns past Cg are readable and discarded: no column mask
     EVEN_NPQ: tl.constexpr,  # BLOCK_K divides N*P*Q: no row tail (a heuristic)
     PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -145,10 +148,14 @@ def _conv2d_wgrad_kernel(
         # One (r, s) tap per column tile: the input rows it reads share one 1-D mask.
         rs = pid_n // n_cb
         c = (pid_n % n_cb) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = c < Cg
+        n_mask = c // C_VEC < Cg // C_VEC  # constant along each C_VEC vector
     r = rs // S
     s = rs % S
-    x_col = wide((grp * Cg + c) * sxc, IDX64)
+    # grp * Cg is a multiple of C_VEC (it divides Cg): with it the column vectors stay aligned
+    if COLS_READABLE:  # the stem: groups == 1
+        x_col = wide(c * sxc, IDX64)
+    else:
+        x_col = wide((tl.multiple_of(grp * Cg, C_VEC) + c) * sxc, IDX64)
     dy_k = wide(k_glob, IDX64) * sdk
 
     # This split's rows [start, end) of N*P*Q: SPLIT equal chunks, multiples of BLOCK_K.
@@ -207,7 +214,7 @@ def _conv2d_wgrad_kernel(
             x_row = tl.multiple_of(wide(n_b, IDX64) * sxn + wide(ih, IDX64) * sxh + wide(iw, IDX64) * sxw, X_ALIGN)
             b_off = x_row[:, None] + x_col[None, :]
             b_mask = row_ok[:, None]
-            if not EVEN_N:
+            if not EVEN_N and not COLS_READABLE:
                 b_mask = b_mask & n_mask[None, :]
             q_b += step_q
             carry = q_b >= Q
@@ -363,14 +370,14 @@ def conv2d_wgrad(
         raise ValueError(f"grad_output: N*P*Q = {NPQ} output pixels, expected fewer than 2**31")
     if a is not None:
         dy = materialize_dy(dy, relu_out, y, a, b, c, mean, x.dtype)
-    sp = stem.s_pad(C, S, groups, dilation[1])
+    is_stem = stem.applies(C, S, groups, dilation[1])
     out_w = gw
-    if sp is not None:  # the stem path: the gradient of the packed R x 1 filters, unpacked below
-        x = stem.pack_input(x, padding, S, sp)
+    if is_stem:  # the gradient of the packed R x 1 filters, unpacked below
+        x = stem.pack_input(x, padding, S)
         Cg, H, W, S = x.shape[1], x.shape[2], x.shape[3], 1
         padding, dilation = (0, 0, 0, 0), (dilation[0], 1)
         out_w = new_empty((K, Cg, R, 1), gw.dtype, dev)
-    flat_n = use_flat_n(Cg)
+    flat_n = use_flat_n(Cg) and not is_stem  # (the stem's runs are contiguous: direct columns, masked)
     sdn, sdk, sdp, sdq = dy.stride()
     sxn, sxc, sxh, sxw = x.stride()
     dy_linear = sdp == Q * sdq and sdn == P * sdp
@@ -396,6 +403,8 @@ def conv2d_wgrad(
         DY_LINEAR=dy_linear,
         IDX64=needs_int64(dy, x, out_w),
         X_ALIGN=x_align,
+        C_VEC=pow2_alignment(Cg, cap=8),
+        COLS_READABLE=is_stem,
         PRECISION="tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee",
         DOT_FP32=INTERPRET and x.dtype == torch.bfloat16,
     )
@@ -418,6 +427,6 @@ def conv2d_wgrad(
             _reduce(part, out_w, split, K, Cg, R, S, out_w.stride())
             if need_bias:
                 _reduce(bpart, gb, split, K, 1, 1, 1, (1, 0, 0, 0))
-    if sp is not None:
-        stem.unpack_weight_grad(out_w, C, weight_shape[3], gw)
+    if is_stem:
+        stem.unpack_weight_grad(out_w, C, gw)
     return gw, gb

@@ -80,6 +80,24 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class DescSpec:
+    """A TMA tensor-descriptor argument without its data (its block shape is per configuration)."""
+
+    base: TensorSpec
+    shape: tuple
+    strides: tuple
+
+    @classmethod
+    def of(cls, d) -> "DescSpec":
+        return cls(TensorSpec.of(d.base), tuple(d.shape), tuple(d.strides))
+
+    def build(self, block_shape):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        return TensorDescriptor(self.base.meta(), list(self.shape), list(self.strides), list(block_shape))
+
+
+@dataclass(frozen=True)
 class Config:
     """One autotune configuration (or a plain kernel's launch options)."""
 
@@ -111,6 +129,7 @@ class Launch:
     grids: list  # per config: grid tuple
     heuristics: list = field(default_factory=list)  # per config: dict of extra constexprs
     label: str = ""
+    desc_blocks: list = field(default_factory=list)  # per config: {argument index: TMA block shape}
 
     @property
     def name(self) -> str:
@@ -141,10 +160,14 @@ def jit_function(kernel: str):
 def _spec(v):
     import torch
 
-    return TensorSpec.of(v) if isinstance(v, torch.Tensor) else v
+    if isinstance(v, torch.Tensor):
+        return TensorSpec.of(v)
+    return DescSpec.of(v) if type(v).__name__ == "TensorDescriptor" else v
 
 
-def _unspec(v):
+def _unspec(v, block_shape=None):
+    if isinstance(v, DescSpec):
+        return v.build(block_shape)
     return v.meta() if isinstance(v, TensorSpec) else v
 
 
@@ -179,7 +202,8 @@ class _Recorder:
             opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
             cfgs = [triton.Config({}, **opts)]
             flags = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-        configs, grids, heur = [], [], []
+        configs, grids, heur, blocks = [], [], [], []
+        descs = {i: a for i, a in enumerate(args) if type(a).__name__ == "TensorDescriptor"}
         for c in cfgs:
             meta = dict(named, **c.kwargs)
             extra = {k: f(meta) for k, f in self.heur.items()} if self.heur else {}
@@ -189,7 +213,11 @@ class _Recorder:
             configs.append(Config(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages))
             grids.append(g)
             heur.append(extra)
-        self.sink.append(Launch(self.kernel, tuple(_spec(a) for a in args), dict(flags), configs, grids, heur))
+            if getattr(c, "pre_hook", None) is not None and descs:  # it sets the descriptors' block shapes
+                c.pre_hook(meta)
+            blocks.append({i: tuple(d.block_shape) for i, d in descs.items()})
+        self.sink.append(Launch(self.kernel, tuple(_spec(a) for a in args), dict(flags), configs, grids, heur,
+                                desc_blocks=blocks))
 
 
 def _kernel_objects():
@@ -205,15 +233,18 @@ def _kernel_objects():
 
 
 @contextlib.contextmanager
-def capture(num_sms: int = 132):
+def capture(num_sms: int = 132, arch: int = 90):
     """Within the block, resconv's kernel launchers record their launches instead of running:
     call them on ``meta`` tensors. Yields the list the :class:`Launch` es are appended to.
 
-    ``num_sms`` stands in for the device's multiprocessor count (launchers that size grids
-    from it, e.g. wgrad's split-K, ask for it)."""
+    ``num_sms`` and ``arch`` stand in for the device's multiprocessor count (launchers that
+    size grids from it, e.g. wgrad's split-K, ask for it) and architecture (TMA paths need
+    sm_90 and Triton 3.8)."""
     import torch
 
     check_compiled_mode()
+    common = importlib.import_module(f"{KERNEL_PACKAGE}._common")
+    tma = arch >= 90 and common._triton_at_least(3, 8)
     sink: list = []
     patches = [mock.patch.object(torch.cuda, "device", lambda *a, **k: contextlib.nullcontext()),
                mock.patch.object(torch.cuda, "current_device", lambda: 0)]
@@ -223,6 +254,8 @@ def capture(num_sms: int = 132):
             patches.append(mock.patch.object(mod, "check_device", lambda *a, **k: None))
         if hasattr(mod, "_sm_count"):
             patches.append(mock.patch.object(mod, "_sm_count", lambda *a, **k: num_sms))
+        if hasattr(mod, "tma_available"):
+            patches.append(mock.patch.object(mod, "tma_available", lambda *a, **k: tma))
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p)
@@ -245,7 +278,8 @@ def _prepare(launch: Launch, i: int, arch: int):
     binder = create_function_from_signature(jit.signature, jit.params, backend)
     kw = dict(launch.kwargs, **cfg.meta, **(launch.heuristics[i] if launch.heuristics else {}),
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    bound, spec, options = binder(*[_unspec(a) for a in launch.args], **kw)
+    blocks = launch.desc_blocks[i] if launch.desc_blocks else {}
+    bound, spec, options = binder(*[_unspec(a, blocks.get(j)) for j, a in enumerate(launch.args)], **kw)
     options, signature, constexprs, attrs = jit._pack_args(backend, kw, bound, spec, options)
     return ASTSource(jit, signature, constexprs, attrs), target, options
 
@@ -308,4 +342,4 @@ def unique(launches: list, arch: int) -> dict:
 def first_config_only(launch: Launch) -> Launch:
     """The launch restricted to its first candidate configuration (the largest tile kept)."""
     return Launch(launch.kernel, launch.args, launch.kwargs, launch.configs[:1], launch.grids[:1],
-                  launch.heuristics[:1], launch.label)
+                  launch.heuristics[:1], launch.label, launch.desc_blocks[:1])

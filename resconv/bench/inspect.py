@@ -91,7 +91,7 @@ def layer_launches(layer, s: Settings) -> dict:
     geo = _geometry(layer)
     out_shape = tuple(t["out"].shape)
     found = {}
-    with aot.capture() as sink:
+    with aot.capture(arch=s.arch) as sink:
         tk.conv2d_fprop(x, w, **geo, out_shape=out_shape, scale=vec(), shift=vec(), residual=res, relu=layer.relu,
                         out_memory_format=fmt)
         found["eval"] = list(sink)

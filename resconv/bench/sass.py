@@ -6,8 +6,9 @@
   kernel's K loop), else the innermost loop holding the most global loads.
 * :func:`summarize`: what the report shows: instruction classes in the loop and overall,
   the tensor-core instruction (HGMMA = wgmma, HMMA = mma.sync), where wgmma reads its A
-  operand from (shared memory or registers), the load kind of the loop (TMA = UTMALDG,
-  cp.async = LDGSTS, plain = LDG) and the load widths, local-memory traffic (spills).
+  operand from (shared memory or registers), the load kinds of the loop (TMA = UTMALDG,
+  cp.async = LDGSTS, plain = LDG, joined by '+') and the load widths, local-memory traffic
+  (spills).
 
 The counts are static: each instruction in the loop's address range counts once, taken
 branches or not (a loop's rarely-taken paths are counted too).
@@ -137,7 +138,8 @@ def summarize(text: str) -> dict:
         a_from = "registers" if any(s.startswith("R") for s in second) else "shared"
     loads = [i for i in body if op_class(i.opcode) in ("tma", "cp.async", "global load")]
     kinds = {op_class(i.opcode) for i in loads}
-    load_kind = "TMA" if "tma" in kinds else "cp.async" if "cp.async" in kinds else "plain" if kinds else "none"
+    names = [n for k, n in (("tma", "TMA"), ("cp.async", "cp.async"), ("global load", "plain")) if k in kinds]
+    load_kind = "+".join(names) or "none"
     widths = sorted({_width(i.opcode) for i in loads if op_class(i.opcode) != "tma"})
 
     def classes(seq):
