@@ -23,6 +23,7 @@ SUBCOMMANDS = (
     "resconv.verify",
     "resconv.train",
     "resconv.bench.cli",
+    "resconv.bench.inspect_cli",
     "resconv.build_cli",
     "resconv.summary_cli",
     "resconv.demo",

@@ -1,5 +1,6 @@
-"""The Triton conv backward: dgrad and wgrad kernels, their fused dReLU/dBN prologue, and the
-backward of the Triton backend's fused modules.
+"""The Triton conv backward: dgrad and wgrad kernels, their dReLU/dBN prologue (dy formed from
+the incoming gradient before the kernels run), and the backward of the Triton backend's fused
+modules.
 
 References are float64 torch autograd on F.conv2d (and torch.nn modules) computed from the
 same, already rounded, inputs. On a machine without a GPU the kernels run under the Triton
@@ -223,8 +224,9 @@ PROLOGUE_RUNS = [
                          ids=[f"{r[0]}-{r[1]}-{r[2]}-{'relu' if r[3] else 'norelu'}-{'bn' if r[4] else 'scale'}"
                               for r in PROLOGUE_RUNS])
 def test_fused_prologue_matches_unfused(name, prec, fmt, relu, bn):
-    """dgrad/wgrad forming dy in their loads == the same kernels on the materialised dy,
-    and == float64 autograd on the float64 fused formula."""
+    """dgrad/wgrad given the prologue (dy formed from g by the dReLU/dBN formula, once, before
+    the kernels) == the same kernels on dy materialised in torch, and == float64 autograd on
+    the float64 formula."""
     x, w, g, geo = make_problem(name, prec, fmt)
     pro = make_prologue(w.shape[0], g, relu, bn)
     args = (x, w, geo["stride"], geo["padding"], geo["dilation"], geo["groups"], True, True, True)

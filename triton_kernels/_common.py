@@ -4,6 +4,7 @@ Installed as ``resconv.triton_kernels._common``. Nothing here knows of autograd 
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -15,6 +16,49 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Test aid: RESCONV_POISON=1 fills every buffer a kernel is to write with NaN first, so an
 # element the kernel fails to write shows up in any comparison.
 POISON = os.environ.get("RESCONV_POISON", "0") == "1"
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _triton_at_least(major: int, minor: int) -> bool:
+    import triton
+
+    parts = triton.__version__.split(".")
+    return (int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)) >= (major, minor)
+
+
+def tma_available(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may load through TMA tensor descriptors: compiled (never
+    under the interpreter), compute capability 9.0 or newer, and Triton 3.8 or newer (the
+    version the TMA paths are compiled and checked with; older ones take the pointer path)."""
+    if INTERPRET or device.type != "cuda" or not _triton_at_least(3, 8):
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+def descriptor_2d(t2d: torch.Tensor):
+    """A TMA descriptor over a 2-D view [rows, cols] (cols contiguous), or None where TMA
+    cannot read it (base or row stride not 16-byte aligned). Its block shape is set per
+    configuration by :func:`set_blocks`."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if t2d.data_ptr() % 16 or (t2d.stride(0) * t2d.element_size()) % 16 or t2d.stride(1) != 1:
+        return None
+    return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), [16, 16])
+
+
+def set_blocks(**blocks: tuple[str, str]):
+    """An autotune pre_hook: each descriptor argument ``name=(rows, cols)``, when it is a
+    descriptor, gets the block shape [meta[rows], meta[cols]] of the configuration about to run."""
+    def hook(nargs):
+        for name, (rows, cols) in blocks.items():
+            d = nargs[name]
+            if type(d).__name__ == "TensorDescriptor":
+                d.block_shape = [nargs[rows], nargs[cols]]
+    return hook
+
 
 def check_device(t: torch.Tensor, name: str) -> None:
     """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""

@@ -9,6 +9,11 @@ apply coefficients ``a = gamma * invstd``, ``b = beta - mean * a``.
 
 Backward: ``bn_backward_reduce`` gives per-channel ``sum(g)`` and ``sum(g * (y - mean))``
 (g = grad_out masked by ReLU) and the coefficients of ``dy = a*g + b*(y - mean) + c``.
+
+Both merge their T partials as a tree: each level's programs merge BLOCK_T consecutive
+partials of BLOCK_C channels with ``tl.reduce`` (a fixed combination order) into one, in
+parallel over (T / BLOCK_T, K / BLOCK_C) programs, until at most BLOCK_T remain for the last
+level, which also writes the results. Never a handful of programs walking every partial.
 """
 from __future__ import annotations
 
@@ -21,7 +26,11 @@ import triton.language as tl
 from ._common import INTERPRET, check_device, new_empty, nkl_strides
 
 _BLOCK_C = 32 if INTERPRET else 64
-_BLOCK_T = 32 if INTERPRET else 64
+# Partials merged per program and tree level (small under the interpreter, so that the tests'
+# few partials still go through several levels); channels per program of a tree's last
+# level (small: a 64-channel layer still gets several programs).
+_BLOCK_T = 4 if INTERPRET else 128
+_BLOCK_C_LAST = 16
 _BLOCK_R = 64 if INTERPRET else 128
 
 
@@ -34,40 +43,72 @@ def _chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 
 
 @triton.jit
-def _bn_finalize_kernel(
+def _merge_block(cnt_ptr, pmean_ptr, pm2_ptr, pivot, offs_t, offs_c, T, K):
+    """(count, mean - pivot, M2) of partials offs_t (< T) of channels offs_c, merged in a fixed order."""
+    tm = offs_t < T
+    cm = offs_c < K
+    n = tl.load(cnt_ptr + offs_t, mask=tm, other=0.0)
+    n2 = n[:, None] + tl.zeros((offs_t.shape[0], offs_c.shape[0]), dtype=tl.float32)
+    off = offs_t.to(tl.int64)[:, None] * K + offs_c[None, :]
+    m2d = tm[:, None] & cm[None, :]
+    mu = tl.where(m2d, tl.load(pmean_ptr + off, mask=m2d, other=0.0) - pivot[None, :], 0.0)
+    m2 = tl.load(pm2_ptr + off, mask=m2d, other=0.0)
+    return tl.reduce((mu, m2, n2), 0, _chan_combine)
+
+
+@triton.jit
+def _chan_merge_kernel(
     cnt_ptr,  # [T] fp32 rows per partial
-    pmean_ptr,  # [T, K] fp32 partial means
+    pmean_ptr,  # [T, K] fp32 partial means (relative to the pivot unless SUB_PIVOT)
     pm2_ptr,  # [T, K] fp32 partial M2
+    pivot_ptr,  # [K] fp32 row 0 of the first level's means (SUB_PIVOT)
+    ocnt_ptr, omean_ptr, om2_ptr,  # [ceil(T / BLOCK_T)], [ceil(T / BLOCK_T), K] x 2: merged (written)
+    T, K,
+    SUB_PIVOT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One tree level: partials [t*BLOCK_T, (t+1)*BLOCK_T) merged into partial t."""
+    pid_t = tl.program_id(0)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = offs_c < K
+    pivot = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if SUB_PIVOT:
+        pivot = tl.load(pivot_ptr + offs_c, mask=cm, other=0.0)
+    c_mean, c_m2, c_n = _merge_block(cnt_ptr, pmean_ptr, pm2_ptr, pivot, offs_t, offs_c, T, K)
+    tl.store(omean_ptr + pid_t.to(tl.int64) * K + offs_c, c_mean, mask=cm)
+    tl.store(om2_ptr + pid_t.to(tl.int64) * K + offs_c, c_m2, mask=cm)
+    if tl.program_id(1) == 0:
+        tl.store(ocnt_ptr + pid_t, tl.max(c_n, axis=0))  # every channel has the same count
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    cnt_ptr,  # [T] fp32 rows per partial, T <= BLOCK_T
+    pmean_ptr,  # [T, K] fp32 partial means (relative to the pivot unless SUB_PIVOT)
+    pm2_ptr,  # [T, K] fp32 partial M2
+    pivot_ptr,  # [K] fp32 row 0 of the first level's means
     w_ptr,  # [K] gamma (HAS_WEIGHT)
     b_ptr,  # [K] beta (HAS_BIAS)
     mean_ptr, invstd_ptr, var_ptr, a_ptr, sh_ptr,  # [K] fp32 outputs
     T, K, eps,
+    SUB_PIVOT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """The tree's last level: the remaining partials merged, the statistics written."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = offs_c < K
     # The partial means are merged relative to the first one (a pivot): with a large common
     # offset the merged values stay small, so each merge step rounds at their scale, not the
     # offset's. (A rank with no rows as the first partial makes the pivot 0: correct, only
     # without that gain.)
-    pivot = tl.load(pmean_ptr + offs_c, mask=cm & (T > 0), other=0.0)
-    run_mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    run_m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    run_n = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        tm = offs_t < T
-        n = tl.load(cnt_ptr + offs_t, mask=tm, other=0.0)
-        n2 = n[:, None] + tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-        off = offs_t.to(tl.int64)[:, None] * K + offs_c[None, :]
-        m2d = tm[:, None] & cm[None, :]
-        mu = tl.where(m2d, tl.load(pmean_ptr + off, mask=m2d, other=0.0) - pivot[None, :], 0.0)
-        m2 = tl.load(pm2_ptr + off, mask=m2d, other=0.0)
-        c_mean, c_m2, c_n = tl.reduce((mu, m2, n2), 0, _chan_combine)
-        run_mean, run_m2, run_n = _chan_combine(run_mean, run_m2, run_n, c_mean, c_m2, c_n)
+    pivot = tl.load(pivot_ptr + offs_c, mask=cm & (T > 0), other=0.0)
+    sub = pivot if SUB_PIVOT else tl.zeros((BLOCK_C,), dtype=tl.float32)
+    run_mean, run_m2, run_n = _merge_block(cnt_ptr, pmean_ptr, pm2_ptr, sub, tl.arange(0, BLOCK_T), offs_c, T, K)
     run_mean = pivot + run_mean
     var = run_m2 / run_n
     invstd = 1.0 / tl.sqrt(var + eps)
@@ -108,12 +149,22 @@ def bn_finalize(
     T, K = mean.shape
     outs = [new_empty((K,), torch.float32, mean.device) for _ in range(5)]
     dummy = outs[0]
-    _bn_finalize_kernel[(triton.cdiv(K, _BLOCK_C),)](
-        count, mean, m2,
+    pivot = mean[0] if T > 0 else dummy
+    first = True
+    while T > _BLOCK_T:  # tree levels: BLOCK_T partials into one, all in parallel
+        T2 = triton.cdiv(T, _BLOCK_T)
+        merged = (new_empty((T2,), torch.float32, mean.device), new_empty((T2, K), torch.float32, mean.device),
+                  new_empty((T2, K), torch.float32, mean.device))
+        _chan_merge_kernel[(T2, triton.cdiv(K, _BLOCK_C))](
+            count, mean, m2, pivot, *merged, T, K, SUB_PIVOT=first, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C,
+        )
+        (count, mean, m2), T, first = merged, T2, False
+    _bn_finalize_kernel[(triton.cdiv(K, _BLOCK_C_LAST),)](
+        count, mean, m2, pivot,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         *outs, T, K, float(eps),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C,
+        SUB_PIVOT=first, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C_LAST,
     )
     return tuple(outs)
 
@@ -210,29 +261,26 @@ def _bn_backward_partials_kernel(
 
 
 @triton.jit
-def _bn_backward_finalize_kernel(
-    psum_ptr,  # [T, K] fp32
+def _sum_merge_kernel(
+    psum_ptr,  # [T, K] fp32 partial sums
     psumy_ptr,  # [T, K] fp32 (HAS_Y)
-    sum_ptr, sumy_ptr,  # [K] fp32 outputs: sum(g), sum(g * (y - mean))
+    osum_ptr, osumy_ptr,  # [ceil(T / BLOCK_T), K] fp32: merged (written)
     T, K,
     HAS_Y: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """One tree level: partial sums [t*BLOCK_T, (t+1)*BLOCK_T) added, in a fixed order, into row t."""
+    pid_t = tl.program_id(0)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = offs_c < K
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    accy = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        off = offs_t.to(tl.int64)[:, None] * K + offs_c[None, :]
-        m = (offs_t < T)[:, None] & cm[None, :]
-        acc += tl.sum(tl.load(psum_ptr + off, mask=m, other=0.0), axis=0)
-        if HAS_Y:
-            accy += tl.sum(tl.load(psumy_ptr + off, mask=m, other=0.0), axis=0)
-    tl.store(sum_ptr + offs_c, acc, mask=cm)
+    off = offs_t.to(tl.int64)[:, None] * K + offs_c[None, :]
+    m = (offs_t < T)[:, None] & cm[None, :]
+    dst = pid_t.to(tl.int64) * K + offs_c
+    tl.store(osum_ptr + dst, tl.sum(tl.load(psum_ptr + off, mask=m, other=0.0), axis=0), mask=cm)
     if HAS_Y:
-        tl.store(sumy_ptr + offs_c, accy, mask=cm)
+        tl.store(osumy_ptr + dst, tl.sum(tl.load(psumy_ptr + off, mask=m, other=0.0), axis=0), mask=cm)
 
 
 def bn_backward_reduce(
@@ -278,8 +326,15 @@ def bn_backward_reduce(
         NL, K, L, *nkl_strides(grad_out), *nkl_strides(o), *nkl_strides(yy),
         RELU=relu, HAS_Y=has_y, WRITE_G=g_out is not None, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
     )
-    _bn_backward_finalize_kernel[(triton.cdiv(K, _BLOCK_C),)](
-        psum, psumy, sum_g, sum_gy if has_y else sum_g, T, K,
-        HAS_Y=has_y, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C,
-    )
-    return sum_g, sum_gy
+    while True:  # tree levels, the last one writing the sums
+        T2 = triton.cdiv(T, _BLOCK_T)
+        last = T2 == 1
+        osum = sum_g if last else new_empty((T2, K), torch.float32, dev)
+        osumy = (sum_gy if last else new_empty((T2, K), torch.float32, dev)) if has_y else osum
+        block_c = _BLOCK_C_LAST if last else _BLOCK_C
+        _sum_merge_kernel[(T2, triton.cdiv(K, block_c))](
+            psum, psumy, osum, osumy, T, K, HAS_Y=has_y, BLOCK_T=_BLOCK_T, BLOCK_C=block_c,
+        )
+        if last:
+            return sum_g, sum_gy
+        psum, psumy, T = osum, osumy, T2

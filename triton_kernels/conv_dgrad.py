@@ -16,13 +16,17 @@ its phase (the same remapping as CUTLASS's strided dgrad, extended to dilation):
 parameters are computed in the kernel from a few scalars (no host-to-device table, so
 launches stay CUDA-graph capturable).
 
-Prologue (fused dReLU + dBN): instead of a materialised dy, the kernel may read the incoming
-gradient ``g`` and form, per loaded element and in fp32,
+Main loop: the rows' offsets at the phase's first tap and, for up to 32 taps per phase, the
+taps each row may read (``_index.tap_bits``) are computed once per tile; a step adds a scalar
+offset and ANDs one bit (no division, no per-row 64-bit arithmetic in the loop).
 
-    dy = a[k] * where(out > 0, g, 0) + b[k] * (y - mean[k]) + c[k]
-
-(the ReLU mask and the y terms optional), rounded to the filters' dtype before the product,
-which is what an unfused dy tensor would have held.
+The dReLU/dBN prologue ``dy = a[k] * where(out <= 0, 0, g) + b[k] * (y - mean[k]) + c[k]`` is
+applied by materialising dy first (``elementwise.bn_backward_dy``, one pass, rounded to the
+filters' dtype), never inside the loads: formed in the loads it was recomputed for every tap
+and every tile of the other GEMM dimension, and it kept the tensor cores' A operand in
+registers; ``resconv inspect`` measured those main loops at 7-9x a plain matmul's
+(benchmarks/results/static-sm90), while the extra pass moves the same compulsory bytes as
+reading g, out and y in both dgrad and wgrad.
 """
 from __future__ import annotations
 
@@ -33,91 +37,55 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, new_empty
+from ._common import INTERPRET, check_device, new_empty, set_blocks, tma_available, descriptor_2d
+from ._index import as_row_tile, axis_bits, needs_int64, tap_bits, tap_bits_fit, wide
+from .conv_fprop import every_block_divides, pow2_alignment
+from .elementwise import bn_backward_dy
 
 # Under the interpreter one small fixed configuration (valid on a GPU too: tl.dot dims >= 16,
 # powers of two); on the GPU the autotuner picks per shape.
-_INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+_INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)
+# The filter tile the TMA descriptor loads: [BLOCK_K output channels, BLOCK_N input channels].
+_DESC_BLOCKS = set_blocks(w_desc=("BLOCK_K", "BLOCK_N"))
 
 
 def _gpu_configs():
     cfgs = []
     for bm, bn, bk, warps, stages in [
         (128, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
-        (128, 128, 32, 8, 3),  # 8 warps: room for the fp32 prologue math
         (128, 64, 64, 4, 4),
-        (128, 64, 64, 8, 3),
         (64, 128, 64, 4, 4),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
         (64, 64, 64, 4, 4),
-        (64, 64, 32, 4, 5),
         (64, 32, 32, 4, 4),
         (64, 16, 32, 2, 4),
         (64, 16, 16, 4, 4),  # few channels per group (depthwise)
     ]:
         cfgs.append(
-            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages)
+            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages,
+                          pre_hook=_DESC_BLOCKS)
         )
     return cfgs
 
 
 def tile_fits(cfg, rows: str, cols: str) -> bool:
-    """A tile that is more than loaded — formed by the fp32 prologue (a few live copies) or
-    gathered with per-element 2-D offsets and masks (flat modes) — must keep at most 32
-    elements per thread in registers, or the kernel spills (seen in sm_80/sm_90 compiles of
-    128x64 tiles on 4 warps; tests/triton_aot_check.py)."""
+    """A tile gathered with per-element 2-D offsets and masks (the flat modes) must keep at
+    most 32 elements per thread in registers, or the kernel spills (seen in sm_80/sm_90
+    compiles of 128x64 tiles on 4 warps; resconv inspect)."""
     return cfg.kwargs[rows] * cfg.kwargs[cols] <= 32 * 32 * cfg.num_warps
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles far wider than the problem (few channels per group): they only waste work;
-    and dy tiles that would not fit in registers (prologue, flat gather)."""
+    tiles narrower than 64 where the problem is that wide (small tensor-core instructions,
+    more index math per product); and flat-gathered dy tiles that would not fit in registers."""
     cg, kg = named_args["Cg"], named_args["Kg"]
     red = kg * named_args["max_taps"] if kwargs.get("FLAT_K") else kg
     max_bn = max(16, triton.next_power_of_2(cg))
     max_bk = max(16, triton.next_power_of_2(red))
-    heavy_a = kwargs.get("PROLOGUE", False) or kwargs.get("FLAT_K", False)
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max_bn and c.kwargs["BLOCK_K"] <= max_bk
-            and (not heavy_a or tile_fits(c, "BLOCK_M", "BLOCK_K"))]
+    min_bn = min(64, max_bn)
+    kept = [c for c in configs if min_bn <= c.kwargs["BLOCK_N"] <= max_bn and c.kwargs["BLOCK_K"] <= max_bk
+            and (not kwargs.get("FLAT_K", False) or tile_fits(c, "BLOCK_M", "BLOCK_K"))]
     return kept or configs[-1:]
-
-
-@triton.jit
-def _bcast_k(v, K_AXIS: tl.constexpr):
-    if K_AXIS == 0:
-        out = v[:, None]
-    else:
-        out = v[None, :]
-    return out
-
-
-@triton.jit
-def load_dy_tile(
-    dy_ptr, mo_ptr, y_ptr, a_ptr, b_ptr, c_ptr, mean_ptr,
-    off, mask, k_glob, k_mask,
-    PROLOGUE: tl.constexpr,
-    RELU: tl.constexpr,
-    HAS_Y: tl.constexpr,
-    K_AXIS: tl.constexpr,  # the tile axis that runs over output channels k
-):
-    """One operand tile of dy: loaded as is, or formed by the dReLU/dBN prologue (fp32)."""
-    v = tl.load(dy_ptr + off, mask=mask, other=0.0)
-    if PROLOGUE:
-        v = v.to(tl.float32)
-        if RELU:
-            o = tl.load(mo_ptr + off, mask=mask, other=0.0)
-            v = tl.where(o <= 0, 0.0, v)  # NaN out passes g (threshold_backward)
-        v = v * _bcast_k(tl.load(a_ptr + k_glob, mask=k_mask, other=0.0), K_AXIS)
-        if HAS_Y:
-            yv = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            mu = _bcast_k(tl.load(mean_ptr + k_glob, mask=k_mask, other=0.0), K_AXIS)
-            bv = _bcast_k(tl.load(b_ptr + k_glob, mask=k_mask, other=0.0), K_AXIS)
-            cv = _bcast_k(tl.load(c_ptr + k_glob, mask=k_mask, other=0.0), K_AXIS)
-            # Out-of-range taps (padding) contribute nothing, not c[k].
-            v = tl.where(mask, v + bv * (yv - mu) + cv, 0.0)
-    return v
 
 
 @triton.jit
@@ -133,13 +101,12 @@ def _phase(a, size, pad, stride, dil, taps, g, tap_step, inv):
     return h0, count, r0, n_taps, base
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "W", "P", "Q", "M_max", "stride_h", "stride_w", "pad_h", "pad_w",
+                               "dil_h", "dil_w", "g_h", "g_w", "r_step", "s_step", "inv_h", "inv_w", "dp", "dq"])
 def _conv2d_dgrad_kernel(
-    dy_ptr,  # [N, K, P, Q] gradient at the conv output (PROLOGUE: the incoming gradient), strides sd*
-    mo_ptr,  # [N, K, P, Q] forward output; its sign is the ReLU mask (RELU), strides sd*
-    y_ptr,  # [N, K, P, Q] BatchNorm input (HAS_Y), strides sd*
-    a_ptr, b_ptr, c_ptr, mean_ptr,  # [K] fp32 prologue coefficients (b, c, mean only with HAS_Y)
+    dy_ptr,  # [N, K, P, Q] gradient at the conv output, strides sd*
     w_ptr,  # [K, C/groups, R, S] filters, strides sw*
+    w_desc,  # W_TMA: TMA descriptor over the channels-last filters as [K, R*S*C/groups]; else unused
     dx_ptr,  # [N, C, H, W] input gradient (written), strides sx*
     N, H, W, P, Q, Cg, Kg, R, S, M_max, max_taps,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -147,10 +114,14 @@ def _conv2d_dgrad_kernel(
     sdn, sdk, sdp, sdq,
     swk, swc, swr, sws,
     sxn, sxc, sxh, sxw,
-    PROLOGUE: tl.constexpr,
-    RELU: tl.constexpr,
-    HAS_Y: tl.constexpr,
     FLAT_K: tl.constexpr,  # reduce over (tap, k) flattened: for few output channels per group
+    TAP_BITS: tl.constexpr,  # at most 32 taps per phase: per-row tap masks precomputed as bits
+    IDX64: tl.constexpr,  # 64-bit element offsets (a tensor reaches 2**31 elements)
+    DY_ALIGN: tl.constexpr,  # every dy row offset and tap step is a multiple of this (elements)
+    W_ALIGN: tl.constexpr,  # every filter row offset and tap step is a multiple of this
+    W_TMA: tl.constexpr,  # filter tiles by TMA (w_desc): every BLOCK_K divides K/groups
+    K_VEC: tl.constexpr,  # a power of two dividing K/groups (<= 8): the channel mask's vector width
+    EVEN_K: tl.constexpr,  # BLOCK_K divides K/groups: no channel mask (a heuristic of the config)
     PRECISION: tl.constexpr,  # tl.dot input_precision: "tf32" or "ieee"
     DOT_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, so multiply exact fp32 copies
     BLOCK_M: tl.constexpr,
@@ -187,15 +158,12 @@ def _conv2d_dgrad_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < Cg
     c_glob = grp * Cg + offs_n
-
-    # 64-bit row bases: a batch can exceed 2^31 elements.
-    dy_row = n.to(tl.int64) * sdn
-    w_col = offs_n.to(tl.int64) * swc  # the filters hold in-group channels
     offs_k = tl.arange(0, BLOCK_K)
-    op_ty = w_ptr.dtype.element_ty
+    w_col = wide(offs_n, IDX64) * swc  # the filters hold in-group channels
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
+        dy_row = wide(n, IDX64) * sdn
         KT = n_r * n_s * Kg
         for k0 in range(0, KT, BLOCK_K):
             kk = k0 + offs_k
@@ -208,57 +176,86 @@ def _conv2d_dgrad_kernel(
             q = j[:, None] + (q_base - js * dq)[None, :]
             k_glob = grp * Kg + kc
             a_mask = (m_mask[:, None] & k_mask[None, :]) & ((p >= 0) & (p < P) & (q >= 0) & (q < Q))
-            a_off = dy_row[:, None] + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq + (k_glob.to(tl.int64) * sdk)[None, :]
-            a = load_dy_tile(dy_ptr, mo_ptr, y_ptr, a_ptr, b_ptr, c_ptr, mean_ptr, a_off, a_mask, k_glob, k_mask,
-                             PROLOGUE, RELU, HAS_Y, 1).to(op_ty)
+            a_off = dy_row[:, None] + wide(p, IDX64) * sdp + wide(q, IDX64) * sdq + wide(k_glob * sdk, IDX64)[None, :]
+            a = tl.load(dy_ptr + a_off, mask=a_mask, other=0.0)
             r = r0 + jr * r_step
             s = s0 + js * s_step
-            b_off = (k_glob.to(tl.int64) * swk + r * swr + s * sws)[:, None] + w_col[None, :]
+            b_off = wide(k_glob * swk + r * swr + s * sws, IDX64)[:, None] + w_col[None, :]
             b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if DOT_FP32:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
     else:
-        # One tap of this phase and one chunk of output channels per step: 1-D row masks,
-        # loads contiguous along K (NHWC). A single flat loop lets Triton pipeline it.
+        # One tap of this phase and one chunk of output channels per step, in one flat loop
+        # (Triton pipelines it). Per row, once: the dy offset of the phase's first tap (it may
+        # lie outside dy: only read under the tap's mask) and, with TAP_BITS, which taps read
+        # inside dy. A step adds a scalar offset and ANDs one bit.
+        p0 = i + p_base
+        q0 = j + q_base
+        dy_row = tl.multiple_of(wide(n, IDX64) * sdn + wide(p0, IDX64) * sdp + wide(q0, IDX64) * sdq
+                                + wide(grp * Kg, IDX64) * sdk, DY_ALIGN)
+        a_offs = dy_row[:, None] + (offs_k * sdk)[None, :]
+        b_offs = tl.multiple_of(wide(r0, IDX64) * swr + wide(s0, IDX64) * sws + wide(grp * Kg, IDX64) * swk,
+                                W_ALIGN) + (wide(offs_k, IDX64) * swk)[:, None] + w_col[None, :]
+        if TAP_BITS:
+            rows_ok = tap_bits(axis_bits(p0, -dp, n_r, P), axis_bits(q0, -dq, n_s, Q), n_r, n_s)
+            rows_ok = as_row_tile(tl.where(m_mask, rows_ok, 0), offs_k, Kg, BLOCK_K)
         n_kb = tl.cdiv(Kg, BLOCK_K)
-        for it in range(0, n_r * n_s * n_kb):
-            kb = it % n_kb
-            tap = it // n_kb
-            jr = tap // n_s
-            js = tap % n_s
-            p = i + (p_base - jr * dp)
-            q = j + (q_base - js * dq)
-            row_mask = m_mask & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
-            row_off = dy_row + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq
-            kc = kb * BLOCK_K + offs_k
-            k_mask = kc < Kg
-            k_glob = grp * Kg + kc
-            a_off = row_off[:, None] + (k_glob.to(tl.int64) * sdk)[None, :]
-            a_mask = row_mask[:, None] & k_mask[None, :]
-            a = load_dy_tile(dy_ptr, mo_ptr, y_ptr, a_ptr, b_ptr, c_ptr, mean_ptr, a_off, a_mask, k_glob, k_mask,
-                             PROLOGUE, RELU, HAS_Y, 1).to(op_ty)
-            r = r0 + jr * r_step
-            s = s0 + js * s_step
-            b_off = (k_glob.to(tl.int64) * swk)[:, None] + w_col[None, :] + (r * swr + s * sws)
-            b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        jr = 0
+        js = 0
+        kb = 0
+        bit = 1
+        for _ in range(0, n_r * n_s * n_kb):
+            dy_step = tl.multiple_of(wide(kb * BLOCK_K, IDX64) * sdk - wide(jr * dp, IDX64) * sdp
+                                     - wide(js * dq, IDX64) * sdq, DY_ALIGN)
+            w_step = tl.multiple_of(wide(kb * BLOCK_K, IDX64) * swk + wide(jr * r_step, IDX64) * swr
+                                    + wide(js * s_step, IDX64) * sws, W_ALIGN)
+            if TAP_BITS:
+                a_mask = (rows_ok & bit) != 0
+            else:
+                p = p0 - jr * dp
+                q = q0 - js * dq
+                a_mask = (m_mask & (p >= 0) & (p < P) & (q >= 0) & (q < Q))[:, None]
+            if W_TMA:  # columns past the group's channels are never stored
+                a = tl.load(dy_ptr + dy_step + a_offs, mask=a_mask, other=0.0)
+                tap = (r0 + jr * r_step) * S + s0 + js * s_step
+                b = w_desc.load([grp * Kg + kb * BLOCK_K, tap * Cg + pid_n * BLOCK_N])
+            elif EVEN_K:
+                a = tl.load(dy_ptr + dy_step + a_offs, mask=a_mask, other=0.0)
+                b = tl.load(w_ptr + w_step + b_offs, mask=n_mask[None, :], other=0.0)
+            else:
+                k_ok = (kb * BLOCK_K + offs_k) // K_VEC < Kg // K_VEC  # constant along each K_VEC vector
+                a = tl.load(dy_ptr + dy_step + a_offs, mask=a_mask & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + w_step + b_offs, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+            a = a.to(w_ptr.dtype.element_ty)
             if DOT_FP32:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            # next (jr, js, channel block) without a division: kb fastest, then js, then jr
+            kb += 1
+            next_tap = kb == n_kb
+            kb = tl.where(next_tap, 0, kb)
+            js = tl.where(next_tap, js + 1, js)
+            bit = tl.where(next_tap, bit << 1, bit)
+            next_row = js == n_s
+            js = tl.where(next_row, 0, js)
+            jr = tl.where(next_row, jr + 1, jr)
 
     h = h0 + i * stride_h
     w = w0 + j * stride_w
-    x_off = (n.to(tl.int64) * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None] + (c_glob.to(tl.int64) * sxc)[None, :]
+    x_off = (wide(n, IDX64) * sxn + wide(h, IDX64) * sxh + wide(w, IDX64) * sxw)[:, None] \
+        + wide(c_glob * sxc, IDX64)[None, :]
     tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+_conv2d_dgrad = triton.heuristics({"EVEN_K": lambda a: a["Kg"] % a["BLOCK_K"] == 0})(_conv2d_dgrad_kernel)
 _conv2d_dgrad_autotuned = triton.autotune(
     configs=_gpu_configs(),
-    key=["M_max", "Cg", "Kg", "max_taps", "P", "Q", "stride_h", "stride_w", "FLAT_K", "PROLOGUE", "RELU", "HAS_Y"],
+    key=["M_max", "Cg", "Kg", "max_taps", "P", "Q", "stride_h", "stride_w", "FLAT_K"],
     prune_configs_by={"early_config_prune": _prune_configs},
-)(_conv2d_dgrad_kernel)
+)(_conv2d_dgrad)
 
 
 def phase_params(stride: int, dil: int) -> tuple[int, int, int, int]:
@@ -270,6 +267,18 @@ def phase_params(stride: int, dil: int) -> tuple[int, int, int, int]:
     tap_step, out_step = stride // g, dil // g
     inv = pow(out_step, -1, tap_step) if tap_step > 1 else 0
     return g, tap_step, inv, out_step
+
+
+def materialize_dy(g: torch.Tensor, relu_out, y, a, b, c, mean, dtype: torch.dtype) -> torch.Tensor:
+    """``dy = a[k] * where(relu_out <= 0, 0, g) + b[k] * (y - mean[k]) + c[k]`` as a tensor of
+    ``dtype`` (fp32 math, one rounding; the ReLU mask and the y terms optional), in the layout
+    of relu_out (or y, or g). Raises ValueError for y without b, c and mean."""
+    if y is not None and (b is None or c is None or mean is None):
+        raise ValueError("y: the dBN prologue needs b, c and mean with y")
+    f32 = lambda v: None if v is None else v.to(torch.float32).contiguous()  # noqa: E731
+    dy, _ = bn_backward_dy(g, relu_out, y, a=f32(a), b=f32(b), c=f32(c), mean=f32(mean), relu=relu_out is not None,
+                           want_grad_residual=False, dy_dtype=dtype)
+    return dy
 
 
 def use_flat_k(kg: int) -> bool:
@@ -300,8 +309,8 @@ def conv2d_dgrad(
 
     Args:
         dy (Tensor[N, K, P, Q]): the gradient at the conv output; with ``a`` given, the
-            incoming gradient g of the prologue ``dy = a*where(relu_out > 0, g, 0) + b*(y - mean) + c``.
-            Any float dtype; read through its strides.
+            incoming gradient g of the prologue ``dy = a*where(relu_out <= 0, 0, g) + b*(y - mean) + c``
+            (materialised first: :func:`materialize_dy`). Any float dtype; read through its strides.
         weight (Tensor[K, C/groups, R, S]): fp16/bf16/fp32; its dtype is the operands' and dx's.
         input_shape: (N, C, H, W) of x; stride, padding (top, bottom, left, right), dilation,
             groups: the forward conv's normalised geometry.
@@ -313,6 +322,8 @@ def conv2d_dgrad(
 
     Returns:
         dx (Tensor[N, C, H, W]) in weight's dtype and ``out_memory_format``.
+    Raises:
+        ValueError: y without b, c and mean.
     """
     check_device(dy, "grad_output")
     N, C, H, W = input_shape
@@ -324,44 +335,34 @@ def conv2d_dgrad(
         return dx
     weight = weight if weight.is_contiguous(memory_format=torch.channels_last) else weight.contiguous(
         memory_format=torch.channels_last)
-    prologue = a is not None
-    if prologue:
-        # The prologue tensors are read with dy's strides: make them share one dense layout.
-        fmt = torch.channels_last if dy.is_contiguous(memory_format=torch.channels_last) and not dy.is_contiguous() \
-            else torch.contiguous_format
-        if not dy.is_contiguous(memory_format=fmt):
-            dy = dy.contiguous(memory_format=fmt)
-        relu_out = None if relu_out is None else relu_out.contiguous(memory_format=fmt)
-        y = None if y is None else y.contiguous(memory_format=fmt)
-        f32 = lambda v: None if v is None else v.to(torch.float32).contiguous()  # noqa: E731
-        a, b, c, mean = f32(a), f32(b), f32(c), f32(mean)
-        if y is not None and (b is None or c is None or mean is None):
-            raise ValueError("y: the dBN prologue needs b, c and mean with y")
+    if a is not None:
+        dy = materialize_dy(dy, relu_out, y, a, b, c, mean, weight.dtype)
     g_h, r_step, inv_h, dp = phase_params(stride[0], dilation[0])
     g_w, s_step, inv_w, dq = phase_params(stride[1], dilation[1])
     # The largest phase has ceil(H / stride) rows; the largest tap set ceil(R / tap_step) taps.
     M_max = N * triton.cdiv(H, stride[0]) * triton.cdiv(W, stride[1])
     max_taps = triton.cdiv(R, r_step) * triton.cdiv(S, s_step)
-    dummy = dx  # stands in for absent optional pointers (never dereferenced)
+    sdn, sdk, sdp, sdq = dy.stride()
+    swk, swc, swr, sws = weight.stride()
+    w_desc = None
+    if not use_flat_k(Kg) and every_block_divides(Kg) and tma_available(dy.device):
+        w_desc = descriptor_2d(weight.permute(0, 2, 3, 1).reshape(K, R * S * Cg))
     args = (
-        dy,
-        relu_out if relu_out is not None else dummy,
-        y if y is not None else dummy,
-        a if prologue else dummy,
-        b if b is not None else dummy,
-        c if c is not None else dummy,
-        mean if mean is not None else dummy,
-        weight, dx,
+        dy, weight, w_desc if w_desc is not None else weight, dx,
         N, H, W, P, Q, Cg, Kg, R, S, M_max, max_taps,
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
         g_h, g_w, r_step, s_step, inv_h, inv_w, dp, dq,
-        *dy.stride(), *weight.stride(), *dx.stride(),
+        sdn, sdk, sdp, sdq, swk, swc, swr, sws, *dx.stride(),
     )
     flags = dict(
-        PROLOGUE=prologue,
-        RELU=prologue and relu_out is not None,
-        HAS_Y=prologue and y is not None,
         FLAT_K=use_flat_k(Kg),
+        TAP_BITS=tap_bits_fit(max_taps),
+        IDX64=needs_int64(dy, weight, dx),
+        # dy row offsets and tap steps are sums of these multiples: their common power of two
+        DY_ALIGN=pow2_alignment(sdn, sdp, sdq, Kg * sdk * (groups > 1)),
+        W_ALIGN=pow2_alignment(swk, swr * (R > 1), sws * (S > 1)),
+        W_TMA=w_desc is not None,
+        K_VEC=pow2_alignment(Kg, cap=8),
         PRECISION="tf32" if (allow_tf32 and weight.dtype == torch.float32) else "ieee",
         DOT_FP32=INTERPRET and weight.dtype == torch.bfloat16,
     )
@@ -369,8 +370,10 @@ def conv2d_dgrad(
     def grid(meta):
         return (triton.cdiv(M_max, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups, stride[0] * stride[1])
 
-    if INTERPRET:
-        _conv2d_dgrad_kernel[grid](*args, **flags, **_INTERPRET_CONFIG)
+    if INTERPRET:  # (TMA only where a test forces it: tma_available is False here)
+        if w_desc is not None:
+            _DESC_BLOCKS(dict(w_desc=w_desc, **_INTERPRET_CONFIG))
+        _conv2d_dgrad[grid](*args, **flags, **_INTERPRET_CONFIG)
     else:
         with torch.cuda.device(dy.device):
             _conv2d_dgrad_autotuned[grid](*args, **flags)

@@ -1,15 +1,22 @@
-"""Implicit-GEMM conv2d weight gradient (wgrad) and bias gradient, with the fused dReLU/dBN
-prologue of :mod:`.conv_dgrad`, deterministic split-K.
+"""Implicit-GEMM conv2d weight gradient (wgrad) and bias gradient, deterministic split-K.
 
     dW[k, c, r, s] = sum_{n, p, q} dy[n, k, p, q] * x[n, c, p*stride_h - pad_top + r*dil_h, q*stride_w - pad_left + s*dil_w]
     db[k]          = sum_{n, p, q} dy[n, k, p, q]
 
 GEMM view (per group): M = K/groups rows, N_gemm = (C/groups) * R * S columns, reduced over
 N*P*Q. That reduction is long and the output small, so it is split into SPLIT contiguous
-chunks (one grid axis): each program writes its fp32 partial tile to its own slice of a
+chunks (one grid axis), SPLIT chosen for the tile the autotuner picked (about two waves of
+programs): each program writes its fp32 partial tile to its own slice of a
 [SPLIT, K, R, S, C/groups] buffer, and a second pass sums the slices in a fixed order —
 no atomics, bitwise reproducible. With SPLIT == 1 the kernel stores the result directly.
 The bias gradient is reduced from the same dy tiles by the programs of the first column tile.
+
+Main loop: the x rows' output pixels (n, p, q) are divided out once per program
+(``_index.fast_divmod``) and advanced by BLOCK_K pixels per step with one carry per digit,
+never ``%``/``//`` in the loop; with dy dense in NHWC its rows are consecutive, so the dy
+tile is a pointer step. Few input channels go through the stem path
+(:mod:`.stem`: the packed input's tap runs as channels) or, for groups, the flat (r, s, c)
+columns. The dReLU/dBN prologue is materialised first, as in :mod:`.conv_dgrad`.
 """
 from __future__ import annotations
 
@@ -21,28 +28,25 @@ import torch
 import triton
 import triton.language as tl
 
+from . import stem
 from ._common import INTERPRET, check_device, new_empty
-from .conv_dgrad import load_dy_tile, tile_fits
+from ._index import divmod_magic, fast_divmod, needs_int64, wide
+from .conv_dgrad import materialize_dy, tile_fits
+from .conv_fprop import pow2_alignment
 
 _INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
-# Each split's chunk of N*P*Q is a multiple of every configuration's BLOCK_K.
-_CHUNK_ALIGN = _INTERPRET_CONFIG["BLOCK_K"] if INTERPRET else 128
 _REDUCE_BLOCK = 256 if INTERPRET else 1024
+MAX_SPLIT = 64
 
 
 def _gpu_configs():
     cfgs = []
     for bm, bn, bk, warps, stages in [
         (128, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
-        (128, 128, 32, 8, 3),  # 8 warps: room for the fp32 prologue math
         (128, 64, 64, 4, 4),
-        (128, 64, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (128, 256, 32, 8, 3),
-        (64, 64, 64, 4, 4),
-        (64, 64, 128, 4, 3),
-        (64, 32, 64, 4, 4),
+        (64, 64, 64, 8, 4),  # not on 4 warps: each x row's index math is repeated by 8 threads (inspect)
+        (64, 32, 64, 4, 4),  # the stem path's tap runs: 7 taps x 4 channels
+        (64, 16, 64, 4, 4),  # 3 taps x 4 channels (a 3x3 stem)
         (32, 64, 64, 4, 4),
         (32, 32, 64, 2, 4),
         (16, 32, 128, 2, 3),
@@ -56,37 +60,59 @@ def _gpu_configs():
 
 def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles far larger than the problem (few channels per group): they only waste work;
-    and tiles that would not fit in registers (prologue dy tile, flat x gather)."""
+    tiles much smaller than it (under 64 x 32 where it is that large: small tensor-core
+    instructions, more index math per product); and flat-gathered x tiles that would not fit
+    in registers."""
     kg, cg = named_args["Kg"], named_args["Cg"]
     cols = cg * named_args["R"] * named_args["S"] if kwargs.get("FLAT_N") else cg
     max_bm = max(16, triton.next_power_of_2(kg))
     max_bn = max(16, triton.next_power_of_2(cols))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_bm and c.kwargs["BLOCK_N"] <= max_bn
-            and (not kwargs.get("PROLOGUE", False) or tile_fits(c, "BLOCK_M", "BLOCK_K"))
+    min_bm, min_bn = min(64, max_bm), min(32, max_bn)
+    kept = [c for c in configs if min_bm <= c.kwargs["BLOCK_M"] <= max_bm and min_bn <= c.kwargs["BLOCK_N"] <= max_bn
             and (not kwargs.get("FLAT_N", False) or tile_fits(c, "BLOCK_K", "BLOCK_N"))]
     return kept or configs[-1:]
 
 
-@triton.jit
+def split_for(args: dict) -> int:
+    """SPLIT for a launch (kernel arguments and configuration): ``split_req`` if nonzero,
+    else about ``target`` programs (two waves), each split reducing at least 4 BLOCK_K
+    steps, at most MAX_SPLIT splits."""
+    if args["split_req"]:
+        return args["split_req"]
+    cols = triton.cdiv(args["R"] * args["S"] * args["Cg"], args["BLOCK_N"]) if args["FLAT_N"] \
+        else args["R"] * args["S"] * triton.cdiv(args["Cg"], args["BLOCK_N"])
+    tiles = (args["K"] // args["Kg"]) * triton.cdiv(args["Kg"], args["BLOCK_M"]) * cols
+    by_length = triton.cdiv(args["NPQ"], 4 * args["BLOCK_K"])
+    return max(1, min(triton.cdiv(args["target"], tiles), by_length, MAX_SPLIT))
+
+
+@triton.jit(do_not_specialize=["NPQ", "H", "W", "P", "Q", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
+                               "dil_w", "q_mul", "q_shift", "p_mul", "p_shift", "target", "split_req"])
 def _conv2d_wgrad_kernel(
-    dy_ptr,  # [N, K, P, Q] gradient at the conv output (PROLOGUE: the incoming gradient), strides sd*
-    mo_ptr,  # [N, K, P, Q] forward output; its sign is the ReLU mask (RELU), strides sd*
-    y_ptr,  # [N, K, P, Q] BatchNorm input (HAS_Y), strides sd*
-    a_ptr, b_ptr, c_ptr, mean_ptr,  # [K] fp32 prologue coefficients (b, c, mean only with HAS_Y)
-    x_ptr,  # [N, C, H, W] conv input, strides sx*
-    gw_ptr,  # DIRECT: [K, C/groups, R, S] weight gradient; else [SPLIT, K, R, S, C/groups] fp32 partials; strides sg*
-    gb_ptr,  # DIRECT: [K] bias gradient; else [SPLIT, K] fp32 partials (HAS_BIAS)
-    NPQ, H, W, P, Q, Cg, Kg, K, R, S, chunk,
+    dy_ptr,  # [N, K, P, Q] gradient at the conv output, strides sd*
+    x_ptr,  # [N, C, H, W] conv input, strides sx* (channels may overlap: the stem's packed view)
+    gw_ptr,  # [K, C/groups, R, S] weight gradient (DIRECT), strides sg*
+    gb_ptr,  # [K] bias gradient (DIRECT and HAS_BIAS)
+    part_ptr,  # [SPLIT, K, R, S, C/groups] fp32 weight-gradient partials (not DIRECT)
+    bpart_ptr,  # [SPLIT, K] fp32 bias-gradient partials (not DIRECT, HAS_BIAS)
+    NPQ, H, W, P, Q, Cg, Kg, K, R, S,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    q_mul, q_shift, p_mul, p_shift,  # divmod_magic(Q), divmod_magic(P)
+    target, split_req,  # split_for's inputs (for the DIRECT heuristic and the grid; unused here)
     sdn, sdk, sdp, sdq,
     sxn, sxc, sxh, sxw,
-    sgk, sgc, sgr, sgs, split_stride,
-    PROLOGUE: tl.constexpr,
-    RELU: tl.constexpr,
-    HAS_Y: tl.constexpr,
+    sgk, sgc, sgr, sgs,
     HAS_BIAS: tl.constexpr,
     FLAT_N: tl.constexpr,  # columns are (r, s, c) flattened: for few input channels per group
-    DIRECT: tl.constexpr,  # SPLIT == 1: store the final gradients in their dtype
+    DY_LINEAR: tl.constexpr,  # dy's (n, p, q) offset is m * sdq (dense NHWC): the dy tile is a pointer step
+    IDX64: tl.constexpr,  # 64-bit element offsets (a tensor reaches 2**31 elements)
+    X_ALIGN: tl.constexpr,  # every x row offset is a multiple of this (elements)
+    C_VEC: tl.constexpr,  # a power of two dividing C/groups (<= 8): the channel mask's vector width
+    DIRECT: tl.constexpr,  # SPLIT == 1: store the final gradients in their dtype (a heuristic)
+    EVEN_M: tl.constexpr,  # BLOCK_M divides K/groups (a heuristic)
+    EVEN_N: tl.constexpr,  # BLOCK_N divides C/groups (a heuristic; the direct columns only)
+    COLS_READABLE: tl.constexpr,  # the stem's packed x: columns past Cg are readable and discarded: no column mask
+    EVEN_NPQ: tl.constexpr,  # BLOCK_K divides N*P*Q: no row tail (a heuristic)
     PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -122,73 +148,114 @@ def _conv2d_wgrad_kernel(
         # One (r, s) tap per column tile: the input rows it reads share one 1-D mask.
         rs = pid_n // n_cb
         c = (pid_n % n_cb) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = c < Cg
+        n_mask = c // C_VEC < Cg // C_VEC  # constant along each C_VEC vector
     r = rs // S
     s = rs % S
-    x_col = (grp * Cg + c).to(tl.int64) * sxc
-    dy_k = k_glob.to(tl.int64) * sdk
-    op_ty = x_ptr.dtype.element_ty
+    # grp * Cg is a multiple of C_VEC (it divides Cg): with it the column vectors stay aligned
+    if COLS_READABLE:  # the stem: groups == 1
+        x_col = wide(c * sxc, IDX64)
+    else:
+        x_col = wide((tl.multiple_of(grp * Cg, C_VEC) + c) * sxc, IDX64)
+    dy_k = wide(k_glob, IDX64) * sdk
 
+    # This split's rows [start, end) of N*P*Q: SPLIT equal chunks, multiples of BLOCK_K.
+    chunk = tl.cdiv(tl.cdiv(NPQ, tl.num_programs(2)), BLOCK_K) * BLOCK_K
     start = split * chunk
     end = tl.minimum(start + chunk, NPQ)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     bacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    op_ty = x_ptr.dtype.element_ty
+    if DY_LINEAR:  # the dy^T tile [k, rows] is a pointer step: its offsets are computed once
+        a_offs = dy_k[:, None] + (wide(offs_k, IDX64) * sdq)[None, :]
+    if not FLAT_N:
+        # Each x row's output pixel (n, p, q), divided out once and then advanced by BLOCK_K
+        # pixels per step, as a mixed-radix number: at most one carry per digit.
+        t0, q_b = fast_divmod(start + offs_k, Q, q_mul, q_shift)
+        n_b, p_b = fast_divmod(t0, P, p_mul, p_shift)
+        step_t, step_q = BLOCK_K // Q, BLOCK_K % Q
+        step_n, step_p = step_t // P, step_t % P
+        ih_c = r * dil_h - pad_h
+        iw_c = s * dil_w - pad_w
     for k0 in range(start, end, BLOCK_K):
         rows = k0 + offs_k
-        r_mask = rows < end
-        q = rows % Q
-        t = rows // Q
-        p = t % P
-        n64 = (t // P).to(tl.int64)
-        a_off = dy_k[:, None] + (n64 * sdn + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq)[None, :]
-        a = load_dy_tile(dy_ptr, mo_ptr, y_ptr, a_ptr, b_ptr, c_ptr, mean_ptr, a_off, m_mask[:, None] & r_mask[None, :],
-                         k_glob, m_mask, PROLOGUE, RELU, HAS_Y, 0).to(op_ty)
+        # the k rows and the N*P*Q tail need masks only where the tiles do not divide them
+        rows_in = rows < end
+        a_mask = rows_in[None, :] & m_mask[:, None]
+        # dy^T tile [k, rows]
+        if DY_LINEAR:
+            a_ptrs = dy_ptr + wide(k0, IDX64) * sdq + a_offs
+        else:
+            t_a, q_a = fast_divmod(rows, Q, q_mul, q_shift)
+            n_a, p_a = fast_divmod(t_a, P, p_mul, p_shift)
+            a_ptrs = dy_ptr + dy_k[:, None] + (wide(n_a, IDX64) * sdn + wide(p_a, IDX64) * sdp
+                                               + wide(q_a, IDX64) * sdq)[None, :]
+        if EVEN_NPQ and EVEN_M:
+            a = tl.load(a_ptrs).to(op_ty)
+        else:
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0).to(op_ty)
         if HAS_BIAS:
             bacc += tl.sum(a.to(tl.float32), axis=1)
-        ih0 = p * stride_h - pad_h
-        iw0 = q * stride_w - pad_w
+        # x tile [rows, columns] of this tap
         if FLAT_N:
-            ih = ih0[:, None] + (r * dil_h)[None, :]
-            iw = iw0[:, None] + (s * dil_w)[None, :]
-            b_mask = (r_mask[:, None] & n_mask[None, :]) & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-            b_off = (n64 * sxn)[:, None] + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw + x_col[None, :]
+            t, q = fast_divmod(rows, Q, q_mul, q_shift)
+            n, p = fast_divmod(t, P, p_mul, p_shift)
+            ih = (p * stride_h - pad_h)[:, None] + (r * dil_h)[None, :]
+            iw = (q * stride_w - pad_w)[:, None] + (s * dil_w)[None, :]
+            b_mask = (rows_in[:, None] & n_mask[None, :]) & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+            b_off = (wide(n, IDX64) * sxn)[:, None] + wide(ih, IDX64) * sxh + wide(iw, IDX64) * sxw + x_col[None, :]
         else:
-            ih = ih0 + r * dil_h
-            iw = iw0 + s * dil_w
-            row_ok = r_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            b_off = (n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] + x_col[None, :]
-            b_mask = row_ok[:, None] & n_mask[None, :]
+            ih = p_b * stride_h + ih_c
+            iw = q_b * stride_w + iw_c
+            # 0 <= ih < H as one unsigned compare
+            row_ok = (ih.to(tl.uint32) < H.to(tl.uint32)) & (iw.to(tl.uint32) < W.to(tl.uint32))
+            if not EVEN_NPQ:
+                row_ok = row_ok & rows_in
+            x_row = tl.multiple_of(wide(n_b, IDX64) * sxn + wide(ih, IDX64) * sxh + wide(iw, IDX64) * sxw, X_ALIGN)
+            b_off = x_row[:, None] + x_col[None, :]
+            b_mask = row_ok[:, None]
+            if not EVEN_N and not COLS_READABLE:
+                b_mask = b_mask & n_mask[None, :]
+            q_b += step_q
+            carry = q_b >= Q
+            q_b = tl.where(carry, q_b - Q, q_b)
+            p_b += step_p + carry.to(tl.int32)
+            carry = p_b >= P
+            p_b = tl.where(carry, p_b - P, p_b)
+            n_b += step_n + carry.to(tl.int32)
         b = tl.load(x_ptr + b_off, mask=b_mask, other=0.0)
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    if FLAT_N:
-        g_col = c * sgc + r * sgr + s * sgs
-    else:
-        g_col = c * sgc + (r * sgr + s * sgs)
-    g_off = (k_glob.to(tl.int64) * sgk)[:, None] + g_col.to(tl.int64)[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
     if DIRECT:
+        g_off = (wide(k_glob, IDX64) * sgk)[:, None] + wide(c * sgc + r * sgr + s * sgs, IDX64)[None, :]
         tl.store(gw_ptr + g_off, acc.to(gw_ptr.dtype.element_ty), mask=o_mask)
     else:
-        tl.store(gw_ptr + split.to(tl.int64) * split_stride + g_off, acc, mask=o_mask)
+        # partials in (k, r, s, c) order: [SPLIT, K, R, S, Cg]
+        p_off = (k_glob.to(tl.int64) * (R * S * Cg))[:, None] + ((r * S + s) * Cg + c).to(tl.int64)[None, :]
+        tl.store(part_ptr + split.to(tl.int64) * K * R * S * Cg + p_off, acc, mask=o_mask)
     if HAS_BIAS:
         if pid_n == 0:
             if DIRECT:
                 tl.store(gb_ptr + k_glob, bacc.to(gb_ptr.dtype.element_ty), mask=m_mask)
             else:
-                tl.store(gb_ptr + split.to(tl.int64) * K + k_glob, bacc, mask=m_mask)
+                tl.store(bpart_ptr + split.to(tl.int64) * K + k_glob, bacc, mask=m_mask)
 
 
+_conv2d_wgrad = triton.heuristics({
+    "DIRECT": lambda a: split_for(a) == 1,
+    "EVEN_M": lambda a: a["Kg"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["Cg"] % a["BLOCK_N"] == 0,
+    "EVEN_NPQ": lambda a: a["NPQ"] % a["BLOCK_K"] == 0,
+})(_conv2d_wgrad_kernel)
 _conv2d_wgrad_autotuned = triton.autotune(
     configs=_gpu_configs(),
-    key=["NPQ", "Kg", "Cg", "R", "S", "chunk", "stride_h", "stride_w", "FLAT_N", "PROLOGUE", "RELU", "HAS_Y",
-         "HAS_BIAS", "DIRECT"],
+    key=["NPQ", "Kg", "Cg", "R", "S", "stride_h", "stride_w", "FLAT_N", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": _prune_configs},
-)(_conv2d_wgrad_kernel)
+)(_conv2d_wgrad)
 
 
 @triton.jit
@@ -197,13 +264,15 @@ def _split_reduce_kernel(
     out_ptr,  # [K, Cg, R, S] result, strides so*
     SPLIT, L, Cg, R, S,
     sok, soc, sor, sos,
+    BLOCK_S: tl.constexpr,  # >= SPLIT: every split loaded at once, summed as a fixed tree
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < L
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for sp in range(0, SPLIT):  # fixed order: bitwise reproducible
-        acc += tl.load(part_ptr + sp * L + offs, mask=mask, other=0.0)
+    sp = tl.arange(0, BLOCK_S)
+    v = tl.load(part_ptr + (sp.to(tl.int64) * L)[:, None] + offs[None, :], mask=(sp < SPLIT)[:, None] & mask[None, :],
+                other=0.0)
+    acc = tl.sum(v, axis=0)  # a fixed reduction order for a fixed BLOCK_S: bitwise reproducible
     c = offs % Cg
     t = offs // Cg
     s = t % S
@@ -218,20 +287,28 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_split(npq: int, tiles: int, device: torch.device) -> int:
-    """Split N*P*Q so that about two waves of programs fill the GPU, each split still long
-    enough (>= 512 rows) to amortise its partial store and the second pass."""
-    if INTERPRET:  # small problems: still exercise the split path
-        target, min_chunk = 4, _CHUNK_ALIGN
-    else:
-        target, min_chunk = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()), 512
-    return max(1, min(triton.cdiv(target, max(tiles, 1)), triton.cdiv(npq, min_chunk)))
+def target_programs(device: torch.device) -> int:
+    """Programs a wgrad launch aims for: two waves of the GPU (4 under the interpreter, so
+    that small problems still take the split path)."""
+    if INTERPRET:
+        return 4
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def use_flat_n(cg: int) -> bool:
     """Flatten (r, s, c) into the column index when input channels per group are too few to
-    fill a 16-wide tile (the RGB stem, depthwise convs)."""
+    fill a 16-wide tile (depthwise convs; small-C convs off the stem path)."""
     return cg < 16
+
+
+def _reduce(part: torch.Tensor, out: torch.Tensor, split: int, K: int, Cg: int, R: int, S: int, strides) -> None:
+    """out[k, c, r, s] (through ``strides``) = the sum of the split partials, in a fixed order."""
+    L = K * R * S * Cg
+    block_s = triton.next_power_of_2(split)
+    block = max(16, _REDUCE_BLOCK // block_s)
+    _split_reduce_kernel[(triton.cdiv(L, block),)](
+        part, out, split, L, Cg, R, S, *strides, BLOCK_S=block_s, BLOCK=block,
+    )
 
 
 def conv2d_wgrad(
@@ -258,17 +335,20 @@ def conv2d_wgrad(
 
     Args:
         dy (Tensor[N, K, P, Q]): gradient at the conv output, or the prologue's incoming
-            gradient (see :func:`.conv_dgrad.conv2d_dgrad`: relu_out, y, a, b, c, mean).
+            gradient (see :func:`.conv_dgrad.conv2d_dgrad`: relu_out, y, a, b, c, mean; dy is
+            materialised first).
         x (Tensor[N, C, H, W]): fp16/bf16/fp32 conv input; its dtype is the operands' and results'.
         weight_shape: (K, C/groups, R, S); stride, padding (top, bottom, left, right),
             dilation, groups: the forward conv's normalised geometry.
         need_bias: also return ``db[k] = sum(dy[:, k])``.
         allow_tf32: fp32 operands use TF32 tensor-core products (else IEEE fp32).
         weight_memory_format: memory format of the returned weight gradient.
-        split_k: number of reduction splits (default: chosen from the problem size).
+        split_k: number of reduction splits, 1 to 64 (default: chosen for the tile that runs).
 
     Returns:
         (dW Tensor[K, C/groups, R, S], db Tensor[K] or None), in x's dtype.
+    Raises:
+        ValueError: y without b, c and mean; split_k out of range.
     """
     check_device(dy, "grad_output")
     K, Cg, R, S = weight_shape
@@ -276,6 +356,8 @@ def conv2d_wgrad(
     P, Q = dy.shape[2], dy.shape[3]
     Kg = K // groups
     dev = dy.device
+    if split_k is not None and not 1 <= split_k <= MAX_SPLIT:
+        raise ValueError(f"split_k: expected 1 to {MAX_SPLIT}, got {split_k}")
     gw = new_empty(weight_shape, x.dtype, dev, weight_memory_format)
     gb = new_empty((K,), x.dtype, dev) if need_bias else None
     NPQ = N * P * Q
@@ -284,75 +366,67 @@ def conv2d_wgrad(
         if gb is not None:
             gb.zero_()
         return gw, gb
-    prologue = a is not None
-    if prologue:
-        fmt = torch.channels_last if dy.is_contiguous(memory_format=torch.channels_last) and not dy.is_contiguous() \
-            else torch.contiguous_format
-        if not dy.is_contiguous(memory_format=fmt):
-            dy = dy.contiguous(memory_format=fmt)
-        relu_out = None if relu_out is None else relu_out.contiguous(memory_format=fmt)
-        y = None if y is None else y.contiguous(memory_format=fmt)
-        f32 = lambda v: None if v is None else v.to(torch.float32).contiguous()  # noqa: E731
-        a, b, c, mean = f32(a), f32(b), f32(c), f32(mean)
-        if y is not None and (b is None or c is None or mean is None):
-            raise ValueError("y: the dBN prologue needs b, c and mean with y")
-    flat_n = use_flat_n(Cg)
-    if split_k is None:
-        cols = triton.cdiv(R * S * Cg, 128) if flat_n else R * S * triton.cdiv(Cg, 128)
-        split_k = choose_split(NPQ, groups * triton.cdiv(Kg, 128) * cols, dev)
-    chunk = triton.cdiv(triton.cdiv(NPQ, split_k), _CHUNK_ALIGN) * _CHUNK_ALIGN
-    split = triton.cdiv(NPQ, chunk)  # no empty split
-    direct = split == 1
-    if direct:
-        out_w, out_b = gw, gb
-        g_strides = (gw.stride(0), gw.stride(1), gw.stride(2), gw.stride(3))
-        split_stride = 0
-    else:
-        out_w = new_empty((split, K, R, S, Cg), torch.float32, dev)
-        out_b = new_empty((split, K), torch.float32, dev) if need_bias else None
-        g_strides = (R * S * Cg, 1, S * Cg, Cg)
-        split_stride = K * R * S * Cg
-    dummy = out_w
+    if NPQ >= 2**31:
+        raise ValueError(f"grad_output: N*P*Q = {NPQ} output pixels, expected fewer than 2**31")
+    if a is not None:
+        dy = materialize_dy(dy, relu_out, y, a, b, c, mean, x.dtype)
+    is_stem = stem.applies(C, S, groups, dilation[1])
+    out_w = gw
+    if is_stem:  # the gradient of the packed R x 1 filters, unpacked below
+        x = stem.pack_input(x, padding, S)
+        Cg, H, W, S = x.shape[1], x.shape[2], x.shape[3], 1
+        padding, dilation = (0, 0, 0, 0), (dilation[0], 1)
+        out_w = new_empty((K, Cg, R, 1), gw.dtype, dev)
+    flat_n = use_flat_n(Cg) and not is_stem  # (the stem's runs are contiguous: direct columns, masked)
+    sdn, sdk, sdp, sdq = dy.stride()
+    sxn, sxc, sxh, sxw = x.stride()
+    dy_linear = sdp == Q * sdq and sdn == P * sdp
+    # Each program's row offsets are sums of these multiples: their common power of two.
+    x_align = pow2_alignment(sxn, stride[0] * sxh, padding[0] * sxh, stride[1] * sxw, padding[2] * sxw,
+                             dilation[0] * sxh * (R > 1), dilation[1] * sxw * (S > 1))
+    target, split_req = target_programs(dev), split_k or 0
+    named = dict(NPQ=NPQ, Cg=Cg, Kg=Kg, K=K, R=R, S=S, FLAT_N=flat_n, target=target, split_req=split_req)
+    max_split = max(split_for(dict(named, **cfg.kwargs)) for cfg in
+                    ([triton.Config(_INTERPRET_CONFIG)] if INTERPRET else _gpu_configs()))
+    part = new_empty((max_split, K, R, S, Cg), torch.float32, dev) if max_split > 1 else out_w
+    bpart = new_empty((max_split, K), torch.float32, dev) if (need_bias and max_split > 1) else part
     args = (
-        dy,
-        relu_out if relu_out is not None else dummy,
-        y if y is not None else dummy,
-        a if prologue else dummy,
-        b if b is not None else dummy,
-        c if c is not None else dummy,
-        mean if mean is not None else dummy,
-        x, out_w, out_b if out_b is not None else dummy,
-        NPQ, H, W, P, Q, Cg, Kg, K, R, S, chunk,
+        dy, x, out_w, gb if gb is not None else out_w, part, bpart,
+        NPQ, H, W, P, Q, Cg, Kg, K, R, S,
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        *dy.stride(), *x.stride(), *g_strides, split_stride,
+        *divmod_magic(Q), *divmod_magic(P), target, split_req,
+        sdn, sdk, sdp, sdq, sxn, sxc, sxh, sxw, *out_w.stride(),
     )
     flags = dict(
-        PROLOGUE=prologue,
-        RELU=prologue and relu_out is not None,
-        HAS_Y=prologue and y is not None,
         HAS_BIAS=need_bias,
         FLAT_N=flat_n,
-        DIRECT=direct,
+        DY_LINEAR=dy_linear,
+        IDX64=needs_int64(dy, x, out_w),
+        X_ALIGN=x_align,
+        C_VEC=pow2_alignment(Cg, cap=8),
+        COLS_READABLE=is_stem,
         PRECISION="tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee",
         DOT_FP32=INTERPRET and x.dtype == torch.bfloat16,
     )
 
+    def split_of(meta) -> int:
+        return split_for(dict(named, **meta))
+
     def grid(meta):
         cols = triton.cdiv(R * S * Cg, meta["BLOCK_N"]) if flat_n else R * S * triton.cdiv(Cg, meta["BLOCK_N"])
-        return (triton.cdiv(Kg, meta["BLOCK_M"]) * cols, groups, split)
+        return (triton.cdiv(Kg, meta["BLOCK_M"]) * cols, groups, split_of(meta))
 
     with contextlib.nullcontext() if INTERPRET else torch.cuda.device(dev):
         if INTERPRET:
-            _conv2d_wgrad_kernel[grid](*args, **flags, **_INTERPRET_CONFIG)
+            _conv2d_wgrad[grid](*args, **flags, **_INTERPRET_CONFIG)
+            split = split_of(_INTERPRET_CONFIG)
         else:
             _conv2d_wgrad_autotuned[grid](*args, **flags)
-        if not direct:
-            L = K * R * S * Cg
-            _split_reduce_kernel[(triton.cdiv(L, _REDUCE_BLOCK),)](
-                out_w, gw, split, L, Cg, R, S, *gw.stride(), BLOCK=_REDUCE_BLOCK,
-            )
+            split = split_of(_conv2d_wgrad_autotuned.best_config.kwargs)
+        if split > 1:
+            _reduce(part, out_w, split, K, Cg, R, S, out_w.stride())
             if need_bias:
-                _split_reduce_kernel[(triton.cdiv(K, _REDUCE_BLOCK),)](
-                    out_b, gb, split, K, 1, 1, 1, 1, 0, 0, 0, BLOCK=_REDUCE_BLOCK,
-                )
+                _reduce(bpart, gb, split, K, 1, 1, 1, (1, 0, 0, 0))
+    if is_stem:
+        stem.unpack_weight_grad(out_w, C, gw)
     return gw, gb

@@ -8,7 +8,8 @@
   and ``grad_residual = g``: dReLU, the residual gradient and the dBN input-gradient
   formula in one pass.
 
-All arithmetic is fp32; each output is rounded once. Offsets are 64-bit.
+All arithmetic is fp32; each output is rounded once. Offsets are 64-bit. A program works on a
+2-D tile (see ``_tile``), never dividing per element to find a channel.
 """
 from __future__ import annotations
 
@@ -20,15 +21,31 @@ import triton.language as tl
 
 from ._common import INTERPRET, check_device, new_empty
 
-_BLOCK = 1024 if INTERPRET else 2048
+# Elements per program: a [BLOCK_R, BLOCK_C] tile of the tensor seen as rows x contiguous
+# columns (NHWC: pixels x channels; NCHW: (n, k) planes x pixels), so that a program finds
+# each element's channel without a division per element: NHWC, the column; NCHW, once per row.
+_TILE = 1024 if INTERPRET else 4096
 _WARPS = 8
 
 
+def _tile_shape(cols: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) for rows of ``cols`` contiguous elements."""
+    bc = min(triton.next_power_of_2(max(cols, 1)), 256)
+    return max(1, _TILE // bc), bc
+
+
 @triton.jit
-def _channel_index(offs, K, L, CHANNELS_LAST: tl.constexpr):
+def _tile(NROWS, NCOLS, K, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """(offsets, mask, channel) of this program's tile; NHWC: [pixels, K]; NCHW: [N*K, pixels]."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs = rows[:, None] * NCOLS + cols[None, :]
+    mask = (rows < NROWS)[:, None] & (cols < NCOLS)[None, :]
     if CHANNELS_LAST:
-        return (offs % K).to(tl.int32)
-    return ((offs // L) % K).to(tl.int32)
+        k = cols[None, :]
+    else:
+        k = (rows % K).to(tl.int32)[:, None]
+    return offs, mask, k
 
 
 @triton.jit
@@ -39,26 +56,26 @@ def _scale_shift_act_kernel(
     a_ptr,  # [K] fp32 (HAS_AFFINE)
     b_ptr,  # [K] fp32 (HAS_AFFINE)
     c_ptr,  # [K] fp32 centre (HAS_CENTER)
-    numel, K, L,
+    NROWS, NCOLS, K,
     HAS_AFFINE: tl.constexpr,
     HAS_CENTER: tl.constexpr,
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
+    offs, mask, k = _tile(NROWS, NCOLS, K, BLOCK_R, BLOCK_C, CHANNELS_LAST)
     v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_AFFINE:
-        k = _channel_index(offs, K, L, CHANNELS_LAST)
+        km = k < K
         if HAS_CENTER:
-            v = v - tl.load(c_ptr + k, mask=mask, other=0.0)
-        v = v * tl.load(a_ptr + k, mask=mask, other=1.0) + tl.load(b_ptr + k, mask=mask, other=0.0)
+            v = v - tl.load(c_ptr + k, mask=km, other=0.0)
+        v = v * tl.load(a_ptr + k, mask=km, other=1.0) + tl.load(b_ptr + k, mask=km, other=0.0)
     if HAS_RES:
         v = v + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        v = tl.where(v < 0.0, 0.0, v)  # not tl.maximum: NaN must pass through, as torch.relu does
+        v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN passes through, as in torch.relu
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -70,28 +87,36 @@ def _bn_backward_dy_kernel(
     dy_ptr,  # [N, K, P, Q] gradient w.r.t. y (output)
     gres_ptr,  # [N, K, P, Q] gradient w.r.t. the residual (output, WRITE_GRES)
     a_ptr, b_ptr, c_ptr, mean_ptr,  # [K] fp32 coefficients (b, c, mean only with HAS_Y)
-    numel, K, L,
+    NROWS, NCOLS, K,
     RELU: tl.constexpr,
     HAS_Y: tl.constexpr,
     WRITE_GRES: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    k = _channel_index(offs, K, L, CHANNELS_LAST)
+    offs, mask, k = _tile(NROWS, NCOLS, K, BLOCK_R, BLOCK_C, CHANNELS_LAST)
+    km = k < K
     g = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         o = tl.load(out_ptr + offs, mask=mask, other=0.0)
         g = tl.where(o <= 0, 0.0, g)  # NaN out passes g (threshold_backward)
     if WRITE_GRES:
         tl.store(gres_ptr + offs, g.to(gres_ptr.dtype.element_ty), mask=mask)
-    dy = g * tl.load(a_ptr + k, mask=mask, other=0.0)
+    dy = g * tl.load(a_ptr + k, mask=km, other=0.0)
     if HAS_Y:
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mu = tl.load(mean_ptr + k, mask=mask, other=0.0)
-        dy += tl.load(b_ptr + k, mask=mask, other=0.0) * (y - mu) + tl.load(c_ptr + k, mask=mask, other=0.0)
+        mu = tl.load(mean_ptr + k, mask=km, other=0.0)
+        dy += tl.load(b_ptr + k, mask=km, other=0.0) * (y - mu) + tl.load(c_ptr + k, mask=km, other=0.0)
     tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid_args(t: torch.Tensor, channels_last: bool):
+    """(grid, (NROWS, NCOLS, K), BLOCK_R, BLOCK_C) of the 2-D view of t (Tensor[N, K, P, Q])."""
+    N, K, P, Q = t.shape
+    rows, cols = (N * P * Q, K) if channels_last else (N * K, P * Q)
+    br, bc = _tile_shape(cols)
+    return (triton.cdiv(rows, br), triton.cdiv(cols, bc)), (rows, cols, K), br, bc
 
 
 def _layout(t: torch.Tensor) -> bool:
@@ -139,16 +164,14 @@ def scale_shift_act(
         return out
     if residual is not None:
         residual = _same_layout(residual, y, cl)
-    K = y.shape[1]
-    L = y.shape[2] * y.shape[3]
     dummy = y
-    grid = (triton.cdiv(y.numel(), _BLOCK),)
+    grid, sizes, br, bc = _grid_args(y, cl)
     _scale_shift_act_kernel[grid](
         y, residual if residual is not None else dummy, out,
         a if a is not None else dummy, b if b is not None else dummy, center if center is not None else dummy,
-        y.numel(), K, L,
+        *sizes,
         HAS_AFFINE=a is not None, HAS_CENTER=center is not None, HAS_RES=residual is not None, RELU=relu, CHANNELS_LAST=cl,
-        BLOCK=_BLOCK, num_warps=_WARPS,
+        BLOCK_R=br, BLOCK_C=bc, num_warps=_WARPS,
     )
     return out
 
@@ -192,13 +215,13 @@ def bn_backward_dy(
     if y is not None:
         y = _same_layout(y, like, cl)
     dummy = dy
-    grid = (triton.cdiv(dy.numel(), _BLOCK),)
+    grid, sizes, br, bc = _grid_args(dy, cl)
     _bn_backward_dy_kernel[grid](
         grad_out, out if out is not None else dummy, y if y is not None else dummy, dy,
         gres if gres is not None else dummy,
         a, b if b is not None else a, c if c is not None else a, mean if mean is not None else a,
-        dy.numel(), like.shape[1], like.shape[2] * like.shape[3],
+        *sizes,
         RELU=relu, HAS_Y=y is not None, WRITE_GRES=gres is not None, CHANNELS_LAST=cl,
-        BLOCK=_BLOCK, num_warps=_WARPS,
+        BLOCK_R=br, BLOCK_C=bc, num_warps=_WARPS,
     )
     return dy, gres

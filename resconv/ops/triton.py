@@ -32,7 +32,7 @@ from torch.library import custom_op
 from .._conv_args import conv_out_shape, is_channels_last, memory_format_of
 from . import autograd
 from . import triton_conv_backward as conv_backward_ops
-from ._shared import DyPrologue, Geometry, Kernels, dense_like_first, empty_like_format
+from ._shared import Geometry, Kernels, dense_like_first, empty_like_format
 from .backend import KernelBackend
 
 Tensor = torch.Tensor
@@ -237,16 +237,18 @@ class TritonKernels(Kernels):
         return dy, (gres if want_grad_residual else None)
 
     def own_conv_backward(self, dy, x, weight, geom, need_input, need_weight, need_bias, allow_tf32, prologue):
-        p = prologue if prologue is not None else DyPrologue(None)  # type: ignore[arg-type]
-        if p.relu_out is not None or p.y is not None:
-            # The prologue reads g, relu_out and y with one set of strides.
-            dy = dy.contiguous(memory_format=memory_format_of(p.relu_out if p.relu_out is not None else p.y))
+        if prologue is not None:
+            # dy formed once, in one elementwise pass, for both dgrad and wgrad: cheaper than
+            # forming it in their operand loads, once per tap and tile (triton_kernels/conv_dgrad.py).
+            p = prologue
+            dy, _ = self.bn_backward_dy(dy, p.relu_out, p.y, p.a, p.b, p.c, p.mean, p.relu_out is not None, False,
+                                        x.dtype)
         gx = gw = gb = None
         if need_input:
-            gx = conv_backward_ops.conv2d_dgrad(dy, weight, p.relu_out, p.y, p.a, p.b, p.c, p.mean, list(x.shape),
+            gx = conv_backward_ops.conv2d_dgrad(dy, weight, None, None, None, None, None, None, list(x.shape),
                                                 *geom, is_channels_last(x), allow_tf32)
         if need_weight or need_bias:
-            gw, gb = conv_backward_ops.conv2d_wgrad(dy, x, p.relu_out, p.y, p.a, p.b, p.c, p.mean,
+            gw, gb = conv_backward_ops.conv2d_wgrad(dy, x, None, None, None, None, None, None,
                                                     list(weight.shape), *geom, need_bias, is_channels_last(weight),
                                                     allow_tf32)
             gw = gw if need_weight else None
