@@ -507,7 +507,7 @@ def test_sync_bn_backward_single_rank():
             t.grad = None
         from resconv.ops import triton as ops
 
-        out = ops.conv2d_bn_train(x, w, None, gamma, beta, res, [2, 2], [1, 1, 1, 1], [1, 1], 1, 1e-5, True, False)[0]
+        out = ops.conv2d_bn_train(x, w, None, gamma, beta, res, [2, 2], [1, 1, 1, 1], [1, 1], 1, 1e-5, True, False, True)[0]
         out.backward(g)
         expect = [t.grad for t in (x, w, gamma, beta, res)]
         names = ("input", "weight", "gamma", "beta", "residual")
