@@ -455,7 +455,7 @@ def conv2d_fprop(
     if INTERPRET:  # (TMA only where a test forces it: tma_available is False here)
         if w_desc is not None:
             _DESC_BLOCKS(dict(w_desc=w_desc, **_INTERPRET_CONFIG))
-        cfg = dict(_INTERPRET_CONFIG, BLOCK_K=max(16, triton.next_power_of_2(Cg))) if is_stem else _INTERPRET_CONFIG
+        cfg = dict(_INTERPRET_CONFIG, BLOCK_K=stem.row_width(Cg)) if is_stem else _INTERPRET_CONFIG
         _conv2d_fprop[grid](*args, **flags, **cfg)
         block_m = cfg["BLOCK_M"]
     else:

@@ -10,11 +10,13 @@ output pixel (p, q) and filter row r, the taps s = 0..S-1 over every channel are
 q*stride_w, 0]``. Seen through an overlapping strided view, ``x'[n, c', h, w] =
 xp[n, h, 0, 0] + w*C_PAD + c'`` with ``c' < S * C_PAD``, the conv is an R x 1 conv over
 S * C_PAD channels with no padding: the implicit-GEMM kernels' direct path, with contiguous,
-8-byte-aligned operand rows and no tap masks. The reduction tile is 32 or 64 wide; its
-columns past S * C_PAD are masked off (the next pixels' values are never read, so a NaN or
-Inf next door cannot turn a zero filter tap into NaN). For even S the rows are 16-byte
-vectors, for odd S 8-byte ones. The filters are packed to ``[K, R, S, C_PAD]`` alike
-(zeros in the padded channels) and the weight gradient is unpacked back.
+8-byte-aligned operand rows and no tap masks. The fprop reads each filter row as one
+reduction tile of ``row_width`` (16, 32 or 64) columns; its input columns past S * C_PAD are
+masked off (the next pixels' values are never read, so a NaN or Inf next door cannot turn a
+zero filter tap into NaN), and the filters are packed to ``[K, R, row_width]`` with zeros
+after each row's S taps x C_PAD channels, so they are read unmasked. The weight gradient
+reads the input rows whole (the columns past S * C_PAD are discarded; SLACK elements after
+the buffer keep those reads in bounds) and is unpacked back.
 
 Installed as ``resconv.triton_kernels.stem``.
 """
@@ -82,18 +84,19 @@ def pack_input(x: torch.Tensor, padding: tuple, S: int) -> torch.Tensor:
     return xp.as_strided((N, S * C_PAD, Hp, Wp - S + 1), (Hp * Wp * C_PAD, 1, Wp * C_PAD, C_PAD))
 
 
-def row_width(S: int) -> int:
-    """Elements per packed filter row: S * C_PAD rounded up to the widest reduction tile the
-    fprop pruner keeps for it (a power of two, at least 16), so no tile reads past the row."""
-    return max(16, triton.next_power_of_2(S * C_PAD))
+def row_width(cols: int) -> int:
+    """Elements per packed filter row of ``cols = S * C_PAD`` taps x channels: rounded up to a
+    power of two, at least 16 (the fprop's reduction tile for the stem, see its pruner), so no
+    tile reads past the row."""
+    return max(16, triton.next_power_of_2(cols))
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """Filters [K, C, R, S] as the packed view ``w'[K, S*C_PAD, R, 1]`` of a dense
-    ``[K, R, row_width(S)]`` copy: each row's S taps x C_PAD channels, zeros in the padded
+    ``[K, R, row_width(S * C_PAD)]`` copy: each row's S taps x C_PAD channels, zeros in the padded
     channels and after the taps (the kernel reads the rows whole, unmasked)."""
     K, C, R, S = weight.shape
-    rw = row_width(S)
+    rw = row_width(S * C_PAD)
     wp = torch.zeros((K, R, rw), dtype=weight.dtype, device=weight.device)
     wp[..., : S * C_PAD].unflatten(-1, (S, C_PAD))[..., :C] = weight.permute(0, 2, 3, 1)
     return wp.as_strided((K, S * C_PAD, R, 1), (R * rw, 1, rw, rw))
