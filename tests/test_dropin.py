@@ -233,6 +233,23 @@ def test_memory_format_rule_is_torchs():
                                  f"gives {out.stride()}, the rule {fmt}"
 
 
+
+def test_channels_last_shortcut_agrees_with_torchs_rule():
+    """The contiguity-flag shortcut in conv_memory_format answers as torch's stride rule on
+    every 4-D layout: permutations of sizes 0, 1, 2, 3, 5, dense in either format or sliced."""
+    import itertools
+    import random
+
+    from torch._prims_common import suggest_memory_format
+    from resconv._conv_args import _suggests_channels_last
+
+    rng = random.Random(0)
+    for shape in itertools.product((0, 1, 2, 3, 5), repeat=4):
+        for perm in rng.sample(list(itertools.permutations(range(4))), 6):
+            t = torch.empty([shape[i] for i in perm]).permute(*[perm.index(i) for i in range(4)])
+            for u in (t, t.contiguous(), t.contiguous(memory_format=CL), t[:, :, ::2], t[..., 1:]):
+                assert _suggests_channels_last(u) == (suggest_memory_format(u) == CL), (u.shape, u.stride())
+
 # ------------------------------------------------------------------------------------------
 # fused modules and AddReLU on empty inputs, against their torch.nn compositions
 # ------------------------------------------------------------------------------------------
