@@ -111,6 +111,25 @@ def select_backend(backend: Optional[str], x: Tensor):
     return b
 
 
+def scale_folds_into_weight(input: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                            backend: Optional[str] = None) -> bool:
+    """Whether :func:`conv2d` with this ``scale`` computes the conv of ``weight * scale`` (the
+    torch backend on float32/float64, outside autocast), so that a caller holding
+    ``weight * scale.view(-1, 1, 1, 1)`` (as :class:`resconv.nn.ConvBn2d` does in eval) may
+    pass it with ``scale=None`` for the same result. False for anything :func:`conv2d` would
+    reject (it raises there) and for the kernel backends (their epilogue applies the scale).
+    """
+    if not all(isinstance(t, Tensor) for t in (input, weight, scale)) or input.dim() not in (3, 4):
+        return False
+    if input.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(input.device.type):
+        return False
+    try:
+        be = select_backend(backend, input)
+    except (ValueError, BackendUnavailableError):
+        return False
+    return be.folds_scale(input, weight, scale, shift)
+
+
 def _autocast(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     """Under torch.autocast, cast floating operands to the autocast dtype as nn.Conv2d does."""
     if not tensors or not isinstance(tensors[0], torch.Tensor):

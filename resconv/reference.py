@@ -78,6 +78,14 @@ def _native(x: Tensor, *vectors: Optional[Tensor]) -> bool:
     return x.dtype in (torch.float32, torch.float64) and all(v is None or v.dtype == x.dtype for v in vectors)
 
 
+def folds_scale(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> bool:
+    """Whether :func:`conv2d` computes ``conv2d(x, weight * scale) + shift`` (ATen's conv with
+    the scale folded into the filters, as ``torch.ao.nn.intrinsic`` folds eval BatchNorm): for
+    float32/float64 x with scale and shift in x's dtype. A caller that keeps ``weight * scale``
+    may then pass it with ``scale=None`` and get the same numbers without the per-call fold."""
+    return _native(x, scale, shift)
+
+
 def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups) -> Tensor:
     """F.conv2d with (top, bottom, left, right) padding, in x's dtype."""
     t, b, l, r = padding
@@ -136,7 +144,7 @@ def conv2d(
     Returns:
         Tensor[N, K, P, Q] in x's dtype and :func:`~resconv._conv_args.conv_memory_format`.
     """
-    if _native(x, scale, shift):  # fold the scale into the filters: one conv with bias
+    if folds_scale(x, scale, shift):  # fold the scale into the filters: one conv with bias
         w = weight if scale is None else weight * scale.view(-1, 1, 1, 1)
         y = _conv(x, w, shift, stride, padding, dilation, groups)
         return _epilogue(y, residual, relu, x.dtype, conv_memory_format(x, weight), owned=True)

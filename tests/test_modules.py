@@ -156,6 +156,55 @@ def test_eval_fold_cache_follows_changes(backend):
     assert not torch.equal(out1, out2) and not torch.equal(out2, out3) and not torch.equal(out3, out4)
 
 
+def test_eval_scaled_filters_are_cached_and_exact():
+    """The torch backend folds eval BatchNorm's scale into the filters; the module keeps that
+    product (no pass over the filters per call) and gets the very numbers of the uncached
+    path, in both memory formats."""
+    torch.manual_seed(0)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        m = set_backend(rnn.ConvBnReLU2d(4, 6, 3, padding=1), "torch").eval()
+        m.bn.running_mean.normal_()
+        m.bn.running_var.uniform_(0.5, 2.0)
+        x = torch.randn(2, 4, 5, 5).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            cached = m(x)
+            assert "_scaled_cache" in m.__dict__
+            assert torch.equal(m(x), cached)
+        uncached = m(x)  # weight requires grad and grad is on: nothing cached is used
+        assert torch.equal(cached, uncached) and cached.stride() == uncached.stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [rnn.Conv2d, rnn.ConvReLU2d, rnn.ConvBnReLU2d])
+def test_frozen_model_after_inference_mode_gives_input_grad(cls, backend):
+    """A frozen eval model first run under inference_mode, then with an input that requires
+    grad (feature visualisation, adversarial inputs): the caches filled in inference mode
+    hold normal tensors, which autograd can save (it raised before)."""
+    dev = _dev(backend)
+    m = set_backend(cls(3, 4, 3, padding=1), backend).to(dev).eval().requires_grad_(False)
+    ref = copy.deepcopy(m)
+    x = torch.randn(2, 3, 6, 6, device=dev).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        m(x)
+    xg = x.clone().requires_grad_()
+    m(xg).sum().backward()
+    xr = x.clone().requires_grad_()
+    ref(xr).sum().backward()  # the same module, never run in inference mode
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=0, atol=0)
+
+
+def test_pickle_leaves_the_caches_behind():
+    m = set_backend(rnn.ConvBnReLU2d(3, 4, 3, padding=1), "torch").eval()
+    x = torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = m(x)
+    assert {"_packed_cache", "_fold_cache", "_scaled_cache"} <= m.__dict__.keys()
+    clone = pickle.loads(pickle.dumps(m))
+    assert not {"_packed_cache", "_fold_cache", "_scaled_cache"} & clone.__dict__.keys()
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inputs_are_not_modified(backend):
     dev = _dev(backend)

@@ -26,6 +26,7 @@ import torch
 from ..reference import add_relu as _ref_add_relu
 from ..reference import conv2d as _ref_conv2d
 from ..reference import conv_bn2d_train as _ref_conv_bn2d_train
+from ..reference import folds_scale as _ref_folds_scale
 from .._conv_args import ConvGeometry
 
 # The registration step: each backend module defines its ops (schema, fake implementation,
@@ -57,6 +58,10 @@ class TorchBackend:
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         return None
+
+    def folds_scale(self, x, weight, scale, shift) -> bool:
+        """Whether :meth:`conv2d` multiplies the filters by ``scale`` (see reference.folds_scale)."""
+        return weight.dtype == x.dtype and _ref_folds_scale(x, scale, shift)
 
     def conv2d(self, x, weight, scale, shift, residual, g: ConvGeometry, relu: bool, allow_tf32: bool):
         with _cudnn_tf32(x.device, allow_tf32):

@@ -33,6 +33,10 @@ class KernelBackend:
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         raise NotImplementedError
 
+    def folds_scale(self, x, weight, scale, shift) -> bool:
+        """False: the kernels apply ``scale`` in their epilogue, to the fp32 accumulator."""
+        return False
+
     def conv2d(self, x, weight, scale, shift, residual, g: ConvGeometry, relu: bool, allow_tf32: bool):
         return self.kernels.fprop(x, weight, scale, shift, residual, _geom(g), relu, allow_tf32,
                                   conv_memory_format(x, weight))
