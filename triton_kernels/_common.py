@@ -17,6 +17,29 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # element the kernel fails to write shows up in any comparison.
 POISON = os.environ.get("RESCONV_POISON", "0") == "1"
 
+def device_function(fn):
+    """``@triton.jit`` for a helper that kernels call (not launched itself).
+
+    Under the interpreter the helper is the interpreter's own rewritten Python function: a
+    call through Triton's wrapper patches ``triton.language`` again on every call (about
+    0.2 ms; a CIFAR ResNet-18 forward makes some 78,000 such calls), although the enclosing
+    launch has patched it already. Compiled, it is the ordinary JIT function.
+    """
+    import triton
+
+    jitted = triton.jit(fn)
+    rewrite = getattr(jitted, "rewrite", None) if INTERPRET else None
+    return rewrite() if rewrite is not None else jitted
+
+
+def interpreter_tile(size: int, small: int, large: int = 128) -> int:
+    """A tile side for the interpreter's one configuration: ``small`` (test layers then span
+    several tiles), or ``large`` along a dimension of 256 or more (ResNet-18's layer3 and
+    layer4). The interpreter's cost is per program and per op, not per element, so wider
+    tiles there cut a whole-model run by most of its time; they still span 2 to 4 tiles."""
+    return large if size >= 256 else small
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)

@@ -13,15 +13,16 @@ Installed as ``resconv.triton_kernels._index``.
 """
 from __future__ import annotations
 
-import triton
 import triton.language as tl
+
+from ._common import device_function
 
 # Tap bits live in an int32: filters with more taps (per stride phase, for dgrad) take the
 # kernels' direct-compare path.
 MAX_TAP_BITS = 32
 
 
-@triton.jit
+@device_function
 def axis_bits(pos0, step, taps, size):
     """Per element of ``pos0`` (int32): bit t set where ``0 <= pos0 + t*step < size``, t < taps."""
     bits = tl.zeros_like(pos0)
@@ -31,7 +32,7 @@ def axis_bits(pos0, step, taps, size):
     return bits
 
 
-@triton.jit
+@device_function
 def tap_bits(h_bits, w_bits, taps_h, taps_w):
     """Bit ``i*taps_w + j`` set where bit i of h_bits and bit j of w_bits are (row-major taps)."""
     bits = tl.zeros_like(h_bits)
@@ -40,7 +41,7 @@ def tap_bits(h_bits, w_bits, taps_h, taps_w):
     return bits
 
 
-@triton.jit
+@device_function
 def wide(v, IDX64: tl.constexpr):
     """v as an element offset: int64 where a tensor can reach 2**31 elements, else as is (int32)."""
     if IDX64:
@@ -48,7 +49,7 @@ def wide(v, IDX64: tl.constexpr):
     return v
 
 
-@triton.jit
+@device_function
 def as_row_tile(v, offs_k, n, BLOCK_K: tl.constexpr):
     """v (one value per row) as a [rows, BLOCK_K] tile of equal columns.
 
@@ -61,7 +62,7 @@ def as_row_tile(v, offs_k, n, BLOCK_K: tl.constexpr):
     return tl.where(always[None, :], v[:, None], 0)
 
 
-@triton.jit
+@device_function
 def fast_divmod(x, d, mul, shift):
     """(x // d, x % d) for int32 ``0 <= x < 2**31`` and ``(mul, shift) = divmod_magic(d)``."""
     q = ((tl.umulhi(x.to(tl.uint32), mul.to(tl.uint32)) + x.to(tl.uint32)) >> shift).to(tl.int32)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, new_empty, nkl_strides
+from ._common import INTERPRET, check_device, new_empty, nkl_strides, device_function
 
 _BLOCK_C = 32 if INTERPRET else 64
 # Partials merged per program and tree level (small under the interpreter, so that the tests'
@@ -34,7 +34,7 @@ _BLOCK_C_LAST = 16
 _BLOCK_R = 64 if INTERPRET else 128
 
 
-@triton.jit
+@triton.jit  # a tl.reduce combine function: the interpreter needs the JIT object
 def _chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     n = n_a + n_b
     w_b = tl.where(n > 0, n_b / tl.where(n > 0, n, 1.0), 0.0)
@@ -42,7 +42,7 @@ def _chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     return mean_a + d * w_b, m2_a + m2_b + d * d * n_a * w_b, n
 
 
-@triton.jit
+@device_function
 def _merge_block(cnt_ptr, pmean_ptr, pm2_ptr, pivot, offs_t, offs_c, T, K):
     """(count, mean - pivot, M2) of partials offs_t (< T) of channels offs_c, merged in a fixed order."""
     tm = offs_t < T

@@ -37,7 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, new_empty, set_blocks, tma_available, descriptor_2d
+from ._common import (
+    INTERPRET, check_device, descriptor_2d, device_function, interpreter_tile, new_empty, set_blocks, tma_available,
+)
 from ._index import as_row_tile, axis_bits, needs_int64, tap_bits, tap_bits_fit, wide
 from .conv_fprop import every_block_divides, pow2_alignment
 from .elementwise import bn_backward_dy
@@ -88,7 +90,7 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-@triton.jit
+@device_function
 def _phase(a, size, pad, stride, dil, taps, g, tap_step, inv):
     """Phase a of one spatial axis (see the module docstring): (first input position, count,
     first tap, number of taps, output-position base)."""
@@ -371,9 +373,11 @@ def conv2d_dgrad(
         return (triton.cdiv(M_max, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups, stride[0] * stride[1])
 
     if INTERPRET:  # (TMA only where a test forces it: tma_available is False here)
+        cfg = dict(_INTERPRET_CONFIG, BLOCK_N=interpreter_tile(Cg, _INTERPRET_CONFIG["BLOCK_N"]),
+                   BLOCK_K=interpreter_tile(Kg, _INTERPRET_CONFIG["BLOCK_K"], 64))
         if w_desc is not None:
-            _DESC_BLOCKS(dict(w_desc=w_desc, **_INTERPRET_CONFIG))
-        _conv2d_dgrad[grid](*args, **flags, **_INTERPRET_CONFIG)
+            _DESC_BLOCKS(dict(w_desc=w_desc, **cfg))
+        _conv2d_dgrad[grid](*args, **flags, **cfg)
     else:
         with torch.cuda.device(dy.device):
             _conv2d_dgrad_autotuned[grid](*args, **flags)

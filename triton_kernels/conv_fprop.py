@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import stem
 from ._common import (
-    INTERPRET, check_device, dense_like, new_empty, set_blocks, tma_available, descriptor_2d,
+    INTERPRET, check_device, dense_like, interpreter_tile, new_empty, set_blocks, tma_available, descriptor_2d,
 )
 from ._index import (
     as_row_tile, axis_bits, divmod_magic, fast_divmod, needs_int64, tap_bits, tap_bits_fit, wide,
@@ -453,9 +453,11 @@ def conv2d_fprop(
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]), groups)
 
     if INTERPRET:  # (TMA only where a test forces it: tma_available is False here)
+        cfg = dict(_INTERPRET_CONFIG, BLOCK_K=stem.row_width(Cg)) if is_stem else \
+            dict(_INTERPRET_CONFIG, BLOCK_N=interpreter_tile(Kg, _INTERPRET_CONFIG["BLOCK_N"]),
+                 BLOCK_K=interpreter_tile(Cg, _INTERPRET_CONFIG["BLOCK_K"], 64))
         if w_desc is not None:
-            _DESC_BLOCKS(dict(w_desc=w_desc, **_INTERPRET_CONFIG))
-        cfg = dict(_INTERPRET_CONFIG, BLOCK_K=stem.row_width(Cg)) if is_stem else _INTERPRET_CONFIG
+            _DESC_BLOCKS(dict(w_desc=w_desc, **cfg))
         _conv2d_fprop[grid](*args, **flags, **cfg)
         block_m = cfg["BLOCK_M"]
     else:

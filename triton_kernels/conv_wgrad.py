@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import stem
-from ._common import INTERPRET, check_device, new_empty
+from ._common import INTERPRET, check_device, interpreter_tile, new_empty
 from ._index import divmod_magic, fast_divmod, needs_int64, wide
 from .conv_dgrad import materialize_dy, tile_fits
 from .conv_fprop import pow2_alignment
@@ -386,8 +386,10 @@ def conv2d_wgrad(
                              dilation[0] * sxh * (R > 1), dilation[1] * sxw * (S > 1))
     target, split_req = target_programs(dev), split_k or 0
     named = dict(NPQ=NPQ, Cg=Cg, Kg=Kg, K=K, R=R, S=S, FLAT_N=flat_n, target=target, split_req=split_req)
+    interpret_cfg = dict(_INTERPRET_CONFIG, BLOCK_M=interpreter_tile(Kg, _INTERPRET_CONFIG["BLOCK_M"]),
+                         BLOCK_N=_INTERPRET_CONFIG["BLOCK_N"] if flat_n else interpreter_tile(Cg, _INTERPRET_CONFIG["BLOCK_N"]))
     max_split = max(split_for(dict(named, **cfg.kwargs)) for cfg in
-                    ([triton.Config(_INTERPRET_CONFIG)] if INTERPRET else _gpu_configs()))
+                    ([triton.Config(interpret_cfg)] if INTERPRET else _gpu_configs()))
     part = new_empty((max_split, K, R, S, Cg), torch.float32, dev) if max_split > 1 else out_w
     bpart = new_empty((max_split, K), torch.float32, dev) if (need_bias and max_split > 1) else part
     args = (
@@ -418,8 +420,8 @@ def conv2d_wgrad(
 
     with contextlib.nullcontext() if INTERPRET else torch.cuda.device(dev):
         if INTERPRET:
-            _conv2d_wgrad[grid](*args, **flags, **_INTERPRET_CONFIG)
-            split = split_of(_INTERPRET_CONFIG)
+            _conv2d_wgrad[grid](*args, **flags, **interpret_cfg)
+            split = split_of(interpret_cfg)
         else:
             _conv2d_wgrad_autotuned[grid](*args, **flags)
             split = split_of(_conv2d_wgrad_autotuned.best_config.kwargs)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_device, new_empty
+from ._common import INTERPRET, check_device, new_empty, device_function
 
 # Elements per program: a [BLOCK_R, BLOCK_C] tile of the tensor seen as rows x contiguous
 # columns (NHWC: pixels x channels; NCHW: (n, k) planes x pixels), so that a program finds
@@ -34,7 +34,7 @@ def _tile_shape(cols: int) -> tuple[int, int]:
     return max(1, _TILE // bc), bc
 
 
-@triton.jit
+@device_function
 def _tile(NROWS, NCOLS, K, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     """(offsets, mask, channel) of this program's tile; NHWC: [pixels, K]; NCHW: [N*K, pixels]."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
