@@ -193,6 +193,25 @@ def test_frozen_model_after_inference_mode_gives_input_grad(cls, backend):
     torch.testing.assert_close(xg.grad, xr.grad, rtol=0, atol=0)
 
 
+def test_caches_follow_replaced_parameter_data():
+    """``weight.data = ...`` twice between calls: the second tensor may be allocated where
+    the first filters were, with the same fresh version counter. The caches hold their
+    sources' storages, so that cannot happen while an entry could match (it returned the
+    old filters' product about one time in seven before). ``.to()`` drops the caches."""
+    torch.manual_seed(0)
+    for _ in range(40):
+        m = set_backend(rnn.ConvBnReLU2d(8, 8, 3, padding=1), "torch").eval()
+        x = torch.randn(2, 8, 6, 6)
+        with torch.no_grad():
+            m(x)
+            m.weight.data = torch.randn_like(m.weight)
+            m.weight.data = torch.randn_like(m.weight)
+            fresh = copy.deepcopy(m)  # no caches (test_pickle_leaves_the_caches_behind)
+            assert torch.equal(m(x), fresh(x))
+    m.to(torch.float64)
+    assert not {"_packed_cache", "_fold_cache", "_scaled_cache"} & m.__dict__.keys()
+
+
 def test_pickle_leaves_the_caches_behind():
     m = set_backend(rnn.ConvBnReLU2d(3, 4, 3, padding=1), "torch").eval()
     x = torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last)
