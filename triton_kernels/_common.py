@@ -32,12 +32,18 @@ def device_function(fn):
     return rewrite() if rewrite is not None else jitted
 
 
-def interpreter_tile(size: int, small: int, large: int = 128) -> int:
-    """A tile side for the interpreter's one configuration: ``small`` (test layers then span
-    several tiles), or ``large`` along a dimension of 256 or more (ResNet-18's layer3 and
-    layer4). The interpreter's cost is per program and per op, not per element, so wider
-    tiles there cut a whole-model run by most of its time; they still span 2 to 4 tiles."""
-    return large if size >= 256 else small
+def interpreter_config(base: dict, **sizes: int) -> dict:
+    """The interpreter's one configuration for a launch: ``base`` (small tiles, so that test
+    layers span several), with each tile named in ``sizes`` widened where its problem
+    dimension is 256 or more (ResNet-18's layer3 and layer4): to 64 for a reduction step
+    (``BLOCK_K``), else to 128. The interpreter's cost is per program and per op, not per
+    element, so wider tiles there cut a whole-model run by most of its time; they still
+    span 2 to 4 tiles."""
+    cfg = dict(base)
+    for name, size in sizes.items():
+        if size >= 256:
+            cfg[name] = 64 if name == "BLOCK_K" else 128
+    return cfg
 
 
 @functools.lru_cache(maxsize=None)

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    INTERPRET, check_device, descriptor_2d, device_function, interpreter_tile, new_empty, set_blocks, tma_available,
+    INTERPRET, check_device, descriptor_2d, device_function, interpreter_config, new_empty, set_blocks, tma_available,
 )
 from ._index import as_row_tile, axis_bits, needs_int64, tap_bits, tap_bits_fit, wide
 from .conv_fprop import every_block_divides, pow2_alignment
@@ -373,8 +373,7 @@ def conv2d_dgrad(
         return (triton.cdiv(M_max, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]), groups, stride[0] * stride[1])
 
     if INTERPRET:  # (TMA only where a test forces it: tma_available is False here)
-        cfg = dict(_INTERPRET_CONFIG, BLOCK_N=interpreter_tile(Cg, _INTERPRET_CONFIG["BLOCK_N"]),
-                   BLOCK_K=interpreter_tile(Kg, _INTERPRET_CONFIG["BLOCK_K"], 64))
+        cfg = interpreter_config(_INTERPRET_CONFIG, BLOCK_N=Cg, BLOCK_K=Kg)
         if w_desc is not None:
             _DESC_BLOCKS(dict(w_desc=w_desc, **cfg))
         _conv2d_dgrad[grid](*args, **flags, **cfg)

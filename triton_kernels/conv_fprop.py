@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import stem
 from ._common import (
-    INTERPRET, check_device, dense_like, interpreter_tile, new_empty, set_blocks, tma_available, descriptor_2d,
+    INTERPRET, check_device, dense_like, interpreter_config, new_empty, set_blocks, tma_available, descriptor_2d,
 )
 from ._index import (
     as_row_tile, axis_bits, divmod_magic, fast_divmod, needs_int64, tap_bits, tap_bits_fit, wide,
@@ -454,8 +454,7 @@ def conv2d_fprop(
 
     if INTERPRET:  # (TMA only where a test forces it: tma_available is False here)
         cfg = dict(_INTERPRET_CONFIG, BLOCK_K=stem.row_width(Cg)) if is_stem else \
-            dict(_INTERPRET_CONFIG, BLOCK_N=interpreter_tile(Kg, _INTERPRET_CONFIG["BLOCK_N"]),
-                 BLOCK_K=interpreter_tile(Cg, _INTERPRET_CONFIG["BLOCK_K"], 64))
+            interpreter_config(_INTERPRET_CONFIG, BLOCK_N=Kg, BLOCK_K=Cg)
         if w_desc is not None:
             _DESC_BLOCKS(dict(w_desc=w_desc, **cfg))
         _conv2d_fprop[grid](*args, **flags, **cfg)

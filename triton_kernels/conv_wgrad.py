@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import stem
-from ._common import INTERPRET, check_device, interpreter_tile, new_empty
+from ._common import INTERPRET, check_device, interpreter_config, new_empty
 from ._index import divmod_magic, fast_divmod, needs_int64, wide
 from .conv_dgrad import materialize_dy, tile_fits
 from .conv_fprop import pow2_alignment
@@ -386,8 +386,7 @@ def conv2d_wgrad(
                              dilation[0] * sxh * (R > 1), dilation[1] * sxw * (S > 1))
     target, split_req = target_programs(dev), split_k or 0
     named = dict(NPQ=NPQ, Cg=Cg, Kg=Kg, K=K, R=R, S=S, FLAT_N=flat_n, target=target, split_req=split_req)
-    interpret_cfg = dict(_INTERPRET_CONFIG, BLOCK_M=interpreter_tile(Kg, _INTERPRET_CONFIG["BLOCK_M"]),
-                         BLOCK_N=_INTERPRET_CONFIG["BLOCK_N"] if flat_n else interpreter_tile(Cg, _INTERPRET_CONFIG["BLOCK_N"]))
+    interpret_cfg = interpreter_config(_INTERPRET_CONFIG, BLOCK_M=Kg, **({} if flat_n else dict(BLOCK_N=Cg)))
     max_split = max(split_for(dict(named, **cfg.kwargs)) for cfg in
                     ([triton.Config(interpret_cfg)] if INTERPRET else _gpu_configs()))
     part = new_empty((max_split, K, R, S, Cg), torch.float32, dev) if max_split > 1 else out_w
