@@ -116,8 +116,23 @@ def scale_folds_into_weight(input: Tensor, weight: Tensor, scale: Optional[Tenso
     """Whether :func:`conv2d` with this ``scale`` computes the conv of ``weight * scale`` (the
     torch backend on float32/float64, outside autocast), so that a caller holding
     ``weight * scale.view(-1, 1, 1, 1)`` (as :class:`resconv.nn.ConvBn2d` does in eval) may
-    pass it with ``scale=None`` for the same result. False for anything :func:`conv2d` would
-    reject (it raises there) and for the kernel backends (their epilogue applies the scale).
+    pass it with ``scale=None`` for the same result.
+
+    Args:
+        input (Tensor[N, C, H, W] or Tensor[C, H, W]): as in :func:`conv2d`, any memory format.
+        weight (Tensor[K, C/groups, R, S]): as in :func:`conv2d`.
+        scale (Tensor[K] or None): the epilogue's per-channel scale.
+        shift (Tensor[K] or None): the epilogue's per-channel shift.
+        backend (str or None): as in :func:`conv2d`.
+
+    Returns:
+        bool: True only where the backend that would run the call multiplies the filters by
+        ``scale`` and input, weight, scale and shift share a float32 or float64 dtype. False
+        for the kernel backends (their epilogue applies the scale to the fp32 accumulator)
+        and for anything :func:`conv2d` would reject.
+
+    Raises:
+        Nothing: invalid arguments answer False, for :func:`conv2d` to raise on.
     """
     if not all(isinstance(t, Tensor) for t in (input, weight, scale)) or input.dim() not in (3, 4):
         return False
